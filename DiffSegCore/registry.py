@@ -1,0 +1,505 @@
+"""The model registry: which models exist, where they are, and getting them into the local cache.
+
+The registry is Resources/models.json (or the file or https URL in DIFFSEG_REGISTRY). Each
+version of a model is either bundled (a folder shipped with DiffSeg) or a .zip download with
+a sha256. Downloaded and imported bundles live in the cache under models_home():
+
+    <home>/models/<id>/<version>/   model.json, *.safetensors, install.json (where it came from)
+    <home>/downloads/               partial downloads (.part) and their locks
+    <home>/locks/                   one lock per id@version, so one process installs it
+    <home>/registry/                last copy of each URL registry, used when offline
+
+torch is imported only when a bundle is validated, so listing models stays fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+import zipfile
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from urllib.parse import urlparse
+
+import jsonschema
+import platformdirs
+from filelock import FileLock
+
+from .downloads import Progress, download_file, fetch_bytes
+from .errors import ModelError
+from .resources import resource_path
+
+HOME_ENV = "DIFFSEG_HOME"
+REGISTRY_ENV = "DIFFSEG_REGISTRY"
+INSTALL_FILE = "install.json"
+MODEL_FILE = "model.json"
+# Weight formats that unpickle on load; checked by content, see _pickled.
+PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
+_SEMVER = re.compile(r"(\d+)\.(\d+)\.(\d+)(?:-([0-9A-Za-z.-]+))?(?:\+[0-9A-Za-z.-]+)?")
+
+
+@dataclass
+class ModelVersion:
+    """One version of a model and whether it is on this machine."""
+
+    version: str
+    source: str  # "bundled" (ships with DiffSeg), "download" (registry zip) or "imported"
+    installed: bool
+    path: str | None  # folder to load it from, when installed
+    url: str | None = None
+    sha256: str | None = None
+    size: int | None = None
+
+
+@dataclass
+class ModelInfo:
+    """A model as the CLI and the Slicer panel show it; versions[0] is the current one."""
+
+    id: str
+    title: str
+    description: str
+    modality: str
+    classes: list[dict]
+    license: str
+    citation: str
+    expected_seconds: dict
+    origin: str  # "registry" or "imported" (only in the local cache)
+    versions: list[ModelVersion] = field(default_factory=list)
+
+    @property
+    def current(self) -> ModelVersion:
+        return self.versions[0]
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "current": self.current.version}
+
+
+# ---------------------------------------------------------------------------------------------
+# locations
+
+
+def models_home() -> Path:
+    """The per-user DiffSeg data folder (DIFFSEG_HOME if set); the model cache lives in it."""
+    override = os.environ.get(HOME_ENV)
+    if override:
+        return Path(override).expanduser()
+    return Path(platformdirs.user_data_dir("DiffSeg", appauthor=False))
+
+
+def cache_dir() -> Path:
+    """Folder holding one sub-folder per cached model id (what "Open models folder" opens)."""
+    return models_home() / "models"
+
+
+def _version_dir(model_id: str, version: str) -> Path:
+    return cache_dir() / model_id / version
+
+
+# ---------------------------------------------------------------------------------------------
+# the registry file
+
+
+@dataclass(frozen=True)
+class _Registry:
+    location: str
+    base_dir: Path | None  # folder that bundled paths are relative to; None for URL registries
+    models: dict[str, dict]
+
+
+def _is_url(ref: str) -> bool:
+    return urlparse(ref).scheme in ("http", "https")
+
+
+def _load_schema(name: str) -> dict:
+    return json.loads(resource_path(name).read_text())
+
+
+def _schema_error(error: jsonschema.ValidationError) -> str:
+    where = "/".join(str(p) for p in error.absolute_path) or "top level"
+    return f"{error.message} (at {where})"
+
+
+def _load_registry() -> _Registry:
+    location = os.environ.get(REGISTRY_ENV) or str(resource_path("models.json"))
+    if _is_url(location):
+        text, base_dir = _fetch_registry(location), None
+    else:
+        path = Path(location).expanduser()
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ModelError(f"cannot read the model registry {path} ({exc.strerror}); check {REGISTRY_ENV}") from None
+        base_dir = path.resolve().parent
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"the model registry {location} is not valid JSON ({exc})") from None
+    error = jsonschema.exceptions.best_match(
+        jsonschema.Draft202012Validator(_load_schema("models.schema.json")).iter_errors(data)
+    )
+    if error is not None:
+        raise ModelError(f"the model registry {location} is invalid: {_schema_error(error)}")
+    models: dict[str, dict] = {}
+    for entry in data["models"]:
+        versions = [v["version"] for v in entry["versions"]]
+        if entry["id"] in models or len(set(versions)) != len(versions):
+            raise ModelError(f"the model registry {location} lists model {entry['id']} or one of its versions twice")
+        models[entry["id"]] = entry
+    return _Registry(location, base_dir, models)
+
+
+def _fetch_registry(url: str) -> str:
+    """The registry at `url`; its last good copy when the network fails, so cached models still resolve."""
+    copy = models_home() / "registry" / (hashlib.sha256(url.encode()).hexdigest()[:16] + ".json")
+    try:
+        text = fetch_bytes(url).decode("utf-8")
+    except ModelError as exc:
+        if not copy.exists():
+            raise ModelError(f"cannot load the model registry: {exc}") from None
+        warnings.warn(f"using the saved copy of the model registry {url}: {exc}", stacklevel=3)
+        return copy.read_text()
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    staging = copy.with_name(f"{copy.name}.{os.getpid()}.tmp")
+    staging.write_text(text)
+    os.replace(staging, copy)
+    return text
+
+
+# ---------------------------------------------------------------------------------------------
+# listing
+
+
+def _semver_key(version: str) -> tuple:
+    """Sort key for semver strings: a pre-release sorts before its release."""
+    match = _SEMVER.fullmatch(version)
+    if not match:
+        return (-1, -1, -1, 0, version)
+    major, minor, patch, pre = match.groups()
+    return (int(major), int(minor), int(patch), 0 if pre else 1, pre or "")
+
+
+def _installed_versions(model_id: str) -> list[str]:
+    """Cached versions of a model, newest first (staging folders start with a dot)."""
+    folder = cache_dir() / model_id
+    if not folder.is_dir():
+        return []
+    found = [p.name for p in folder.iterdir() if not p.name.startswith(".") and (p / MODEL_FILE).is_file()]
+    return sorted(found, key=_semver_key, reverse=True)
+
+
+def _read_install_record(folder: Path) -> dict:
+    try:
+        return json.loads((folder / INSTALL_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _cached_version(model_id: str, version: str) -> ModelVersion:
+    folder = _version_dir(model_id, version)
+    record = _read_install_record(folder)
+    return ModelVersion(
+        version=version,
+        source=record.get("source", "imported"),
+        installed=True,
+        path=str(folder),
+        url=record.get("url"),
+        sha256=record.get("sha256"),
+    )
+
+
+def _registry_version(registry: _Registry, model_id: str, spec: dict) -> ModelVersion:
+    version = spec["version"]
+    if "bundled" in spec:
+        path = _bundled_path(registry, spec)
+        installed = path is not None and (path / MODEL_FILE).is_file()
+        return ModelVersion(version, "bundled", installed, str(path) if installed else None)
+    folder = _version_dir(model_id, version)
+    installed = (folder / MODEL_FILE).is_file()
+    return ModelVersion(
+        version,
+        "download",
+        installed,
+        str(folder) if installed else None,
+        spec["url"],
+        spec["sha256"].lower(),
+        spec["size"],
+    )
+
+
+def _bundled_path(registry: _Registry, spec: dict) -> Path | None:
+    if registry.base_dir is None:
+        return None  # a registry fetched from a URL cannot point into this machine's files
+    return registry.base_dir / spec["bundled"]
+
+
+def _registry_info(registry: _Registry, entry: dict) -> ModelInfo:
+    listed = [_registry_version(registry, entry["id"], spec) for spec in entry["versions"]]
+    known = {v.version for v in listed}
+    extra = [_cached_version(entry["id"], v) for v in _installed_versions(entry["id"]) if v not in known]
+    fields = {k: entry[k] for k in ("id", "title", "description", "modality", "classes", "license", "citation")}
+    return ModelInfo(**fields, expected_seconds=entry["expected_seconds"], origin="registry", versions=listed + extra)
+
+
+def _imported_info(model_id: str) -> ModelInfo | None:
+    versions = [_cached_version(model_id, v) for v in _installed_versions(model_id)]
+    if not versions:
+        return None
+    try:
+        meta = json.loads(Path(versions[0].path, MODEL_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None  # damaged by hand; `diffseg models remove` still cleans it up
+    return ModelInfo(
+        id=model_id,
+        title=meta.get("title", model_id),
+        description=meta.get("description", ""),
+        modality=meta.get("modality", ""),
+        classes=[{"value": c.get("value"), "name": c.get("name")} for c in meta.get("classes", [])],
+        license=meta.get("license", ""),
+        citation=meta.get("citation", ""),
+        expected_seconds=meta.get("expected_seconds", {}),
+        origin="imported",
+        versions=versions,
+    )
+
+
+def list_models() -> list[ModelInfo]:
+    """Registry models (downloaded or not) in registry order, then models only in the local cache."""
+    registry = _load_registry()
+    infos = [_registry_info(registry, entry) for entry in registry.models.values()]
+    cached = sorted(p.name for p in cache_dir().iterdir() if p.is_dir()) if cache_dir().is_dir() else []
+    for model_id in cached:
+        if model_id not in registry.models and (info := _imported_info(model_id)) is not None:
+            infos.append(info)
+    return infos
+
+
+def model_info(model_id: str) -> ModelInfo:
+    """One model by id (registry or cache)."""
+    for info in list_models():
+        if info.id == model_id:
+            return info
+    raise ModelError(f"unknown model '{model_id}'; `diffseg models list` shows the available ones")
+
+
+# ---------------------------------------------------------------------------------------------
+# resolving, downloading
+
+
+def _split_ref(ref: str) -> tuple[str, str | None]:
+    model_id, _, version = ref.partition("@")
+    return model_id, version or None
+
+
+def _looks_like_path(ref: str) -> bool:
+    return os.sep in ref or "/" in ref or ref.endswith((".zip", ".json")) or ref.startswith((".", "~"))
+
+
+def resolve_model(ref: str, download: bool = True, progress: Progress | None = None) -> Path:
+    """A bundle path for `ref`: an existing bundle path, or a model `id` / `id@version`.
+
+    A registry model not yet in the cache is downloaded only when `download` is true (the
+    user named it); `progress(bytes_done, bytes_total)` follows the download.
+    """
+    path = Path(ref).expanduser()
+    if path.exists():
+        return path
+    if _looks_like_path(ref):
+        raise ModelError(f"model bundle not found: {ref}; pass a bundle folder, a .zip or a model id")
+    model_id, version = _split_ref(ref)
+    registry = _load_registry()
+    entry = registry.models.get(model_id)
+    cached = _installed_versions(model_id)
+    if entry is None and not cached:
+        raise ModelError(
+            f"unknown model '{model_id}'; `diffseg models list` shows the available ones, or pass a bundle path"
+        )
+    if version is None:
+        version = entry["versions"][0]["version"] if entry else cached[0]
+    spec = next((v for v in entry["versions"] if v["version"] == version), None) if entry else None
+    if spec is not None and "bundled" in spec:
+        bundled = _bundled_path(registry, spec)
+        if bundled is None or not (bundled / MODEL_FILE).is_file():
+            raise ModelError(
+                f"model {model_id}@{version} should ship with DiffSeg at {spec['bundled']} but is missing; reinstall DiffSeg"
+            )
+        return bundled
+    if version in cached:
+        return _version_dir(model_id, version)
+    if spec is None:
+        known = {v["version"] for v in entry["versions"]} if entry else set()
+        available = ", ".join(sorted(known | set(cached), key=_semver_key))
+        raise ModelError(f"model {model_id} has no version {version}; available: {available}")
+    if not download:
+        raise ModelError(
+            f"model {model_id}@{version} is not downloaded yet; run `diffseg models download {model_id}@{version}`"
+        )
+    return _download(model_id, spec, progress)
+
+
+def _download(model_id: str, spec: dict, progress: Progress | None) -> Path:
+    version = spec["version"]
+    home = models_home()
+    target = _version_dir(model_id, version)
+    (home / "locks").mkdir(parents=True, exist_ok=True)
+    with FileLock(home / "locks" / f"{model_id}@{version}.lock"):
+        if (target / MODEL_FILE).is_file():
+            return target  # another process installed it while we waited
+        archive = download_file(
+            spec["url"],
+            home / "downloads" / f"{model_id}-{version}.zip",
+            spec["sha256"],
+            spec["size"],
+            progress=progress,
+        )
+        record = {"source": "download", "url": spec["url"], "sha256": spec["sha256"].lower()}
+        _install(archive, record, expect=(model_id, version))
+        archive.unlink()
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# installing (download or import), removing
+
+
+def _pickled(path: Path) -> bool:
+    """True for pickle streams and torch's zip checkpoints (a zip holding a .pkl)."""
+    with open(path, "rb") as stream:
+        head = stream.read(4)
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return True
+    if head == b"PK\x03\x04":
+        try:
+            with zipfile.ZipFile(path) as archive:
+                return any(name.endswith(".pkl") for name in archive.namelist())
+        except zipfile.BadZipFile:
+            return False
+    return False
+
+
+def _refuse_pickles(root: Path, shown_as: str) -> None:
+    for path in sorted(root.rglob("*")):
+        # safetensors headers can start like a pickle, so only other files are sniffed.
+        if path.is_file() and path.suffix not in (".safetensors", ".json") and _pickled(path):
+            raise ModelError(
+                f"{path.relative_to(root)} in {shown_as} holds pickled weights, which DiffSeg never loads (unpickling "
+                'can run code); convert them: python -c "import torch, safetensors.torch as st; '
+                f"st.save_file(torch.load('{path.name}', weights_only=True), 'diffusion.safetensors')\""
+            )
+
+
+def _unpack(source: Path, staging: Path) -> Path:
+    """Copy a bundle folder or extract a .zip into `staging`; return the folder holding model.json."""
+    if source.is_dir():
+        shutil.copytree(source, staging, dirs_exist_ok=True)
+    else:
+        try:
+            with zipfile.ZipFile(source) as archive:
+                archive.extractall(staging)  # extractall drops absolute paths and '..' from member names
+        except zipfile.BadZipFile:
+            raise ModelError(f"{source} is neither a bundle folder nor a valid .zip") from None
+    if (staging / MODEL_FILE).is_file():
+        return staging
+    children = [p for p in staging.iterdir() if not p.name.startswith(("__MACOSX", "."))]
+    # A zip of the bundle folder itself holds one top-level folder.
+    if len(children) == 1 and (children[0] / MODEL_FILE).is_file():
+        return children[0]
+    raise ModelError(f"{source} holds no {MODEL_FILE}; a bundle is a folder or .zip with model.json and *.safetensors")
+
+
+def _check_meta(meta: dict, shown_as: str) -> None:
+    error = jsonschema.exceptions.best_match(
+        jsonschema.Draft202012Validator(_load_schema("model.schema.json")).iter_errors(meta)
+    )
+    if error is not None:
+        raise ModelError(f"{MODEL_FILE} in {shown_as} is invalid: {_schema_error(error)}")
+    values = [c["value"] for c in meta["classes"]]
+    if len(set(values)) != len(values):
+        raise ModelError(f"{MODEL_FILE} in {shown_as} lists a class value twice")
+
+
+def _install(source: Path, record: dict, expect: tuple[str, str] | None = None, replace: bool = False) -> dict:
+    """Validate a bundle in a staging folder inside the cache, then rename it into place.
+
+    Nothing enters <home>/models/<id>/<version> unless it passed every check.
+    """
+    from .bundle import validate_bundle  # torch is needed only here
+
+    cache = cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=cache))
+    try:
+        root = _unpack(source, staging / "bundle")
+        _refuse_pickles(root, str(source))
+        meta = validate_bundle(root)
+        _check_meta(meta, str(source))
+        found = (meta["id"], meta["version"])
+        if expect is not None and found != expect:
+            raise ModelError(
+                f"{source} holds model {found[0]}@{found[1]} but the registry entry is {expect[0]}@{expect[1]}; "
+                "tell the registry maintainer"
+            )
+        record = {**record, "installed": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        (root / INSTALL_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        target = _version_dir(*found)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            if not replace:
+                raise ModelError(
+                    f"model {found[0]}@{found[1]} is already in the cache; remove it first "
+                    f"(`diffseg models remove {found[0]}@{found[1]}`) or import with --replace"
+                )
+            os.replace(target, staging / "old")
+        os.replace(root, target)
+        return meta
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def import_model(path: str | Path, replace: bool = False) -> str:
+    """Validate a bundle folder or .zip and copy it into the cache; return its model id.
+
+    Ids and versions published in the registry are refused, so an imported model can never
+    stand in for a verified download.
+    """
+    source = Path(path).expanduser()
+    if not source.exists():
+        raise ModelError(f"{source} does not exist; pass a bundle folder or .zip")
+    registry = _load_registry()
+    from .bundle import read_meta  # torch is needed only here
+
+    meta = read_meta(source)
+    entry = registry.models.get(meta["id"])
+    if entry and any(v["version"] == meta["version"] for v in entry["versions"]):
+        raise ModelError(
+            f"{meta['id']}@{meta['version']} is a registry model; give your model another id or version in its {MODEL_FILE}"
+        )
+    meta = _install(source, {"source": "imported", "from": str(source.resolve())}, replace=replace)
+    return meta["id"]
+
+
+def remove_model(ref: str) -> list[str]:
+    """Delete a cached model (`id`: all its versions, `id@version`: one); return what was removed."""
+    model_id, version = _split_ref(ref)
+    cached = _installed_versions(model_id)
+    chosen = [version] if version else cached
+    if not cached or (version and version not in cached):
+        bundled = any("bundled" in v for v in _load_registry().models.get(model_id, {}).get("versions", []))
+        hint = " (bundled models ship with DiffSeg and cannot be removed)" if bundled else ""
+        raise ModelError(f"{ref} is not in the model cache {cache_dir()}{hint}")
+    removed = []
+    for name in chosen:
+        folder = _version_dir(model_id, name)
+        # Rename first so a half-deleted folder never looks like an installed model.
+        trash = folder.with_name(f".removing-{name}-{os.getpid()}")
+        os.replace(folder, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+        removed.append(f"{model_id}@{name}")
+    if not any((cache_dir() / model_id).iterdir()):
+        (cache_dir() / model_id).rmdir()
+    return removed
