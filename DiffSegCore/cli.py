@@ -1,0 +1,161 @@
+"""The `diffseg` command: segment volumes (and, via sub-modules, train, evaluate, manage models)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from collections import defaultdict
+from pathlib import Path
+
+from . import __version__
+from .bundle import ModelBundle, load_bundle
+from .errors import DiffSegError, InputError
+from .inference import SegmentSettings, resolve_device
+from .progress import Progress
+from .segment import OutputOptions, segment_case
+from .volumes import case_name, is_volume_file
+
+DEFAULT_MODEL = "hippocampus-recycling-x0"
+
+
+def collect_cases(inputs: list[str]) -> dict[str, list[Path]]:
+    """Group inputs into cases: files by case name (nnU-Net `_0000` channels), DICOM folders whole."""
+    cases: dict[str, list[Path]] = defaultdict(list)
+    for item in map(Path, inputs):
+        if not item.exists():
+            raise InputError(f"input not found: {item}; check the path")
+        if item.is_dir():
+            files = sorted(p for p in item.iterdir() if is_volume_file(p))
+            if not files:
+                cases[item.name].append(item)  # a DICOM series folder
+            for path in files:
+                cases[case_name(path)].append(path)
+        else:
+            cases[case_name(item)].append(item)
+    return {name: sorted(paths, key=lambda p: p.name) for name, paths in cases.items()}
+
+
+def load_model(ref: str, device: str) -> ModelBundle:
+    """A bundle path, or a registry id resolved (and downloaded on first use) by the registry."""
+    path = Path(ref)
+    if not path.exists():
+        from .registry import resolve_model
+
+        path = resolve_model(ref)
+    return load_bundle(path, resolve_device(device))
+
+
+def _add_segment_parser(subparsers) -> None:
+    p = subparsers.add_parser("segment", help="segment volumes; writes segmentation, uncertainty and a run record")
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="volume files (one per channel), folders of volumes, or DICOM folders",
+    )
+    p.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"bundle folder/.zip or registry id[@version] (default {DEFAULT_MODEL})"
+    )
+    p.add_argument("--steps", type=int, help="sampling steps K (default: the model's)")
+    p.add_argument("--ensemble", type=int, help="ensemble members N (default: the model's)")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], help="sampler (default: the model's)")
+    p.add_argument("--eta", type=float, help="DDIM eta (0 = deterministic updates)")
+    p.add_argument("--preseg", help="none, model (the bundle's U-Net) or a label file to start from (PD-DDPM)")
+    p.add_argument("--preseg-step", type=int, help="training step T' the pre-segmentation is diffused to")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument(
+        "--window", default="auto", choices=["auto", "full", "sliding"], help="full volume or sliding window"
+    )
+    p.add_argument(
+        "--members-per-batch", type=int, help="ensemble members evaluated together (default: as memory allows)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output-dir", required=True, type=Path)
+    p.add_argument("--save-probabilities", action="store_true", help="also write mean class probabilities and entropy")
+    p.add_argument("--save-members", action="store_true", help="also write each member's label map")
+    p.add_argument("--per-class-variance", action="store_true", help="record the variance per class in the run record")
+    p.add_argument("--preview", action="store_true", help="also write a PNG montage of the result")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs of the same case")
+    p.add_argument("--progress", default="text", choices=["text", "json", "none"])
+    p.set_defaults(func=run_segment)
+
+
+def run_segment(args: argparse.Namespace) -> int:
+    cases = collect_cases(args.inputs)
+    progress = Progress(args.progress, len(cases))
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    if not args.output_dir.is_dir() or not _writable(args.output_dir):
+        raise InputError(f"output folder {args.output_dir} is not writable; choose another --output-dir")
+    bundle = load_model(args.model, args.device)
+    expected = len(bundle.meta["channels"])
+    settings = SegmentSettings(
+        steps=args.steps,
+        ensemble=args.ensemble,
+        sampler=args.sampler,
+        eta=args.eta,
+        preseg=args.preseg,
+        preseg_step=args.preseg_step,
+        seed=args.seed,
+        device=args.device,
+        window=args.window,
+        members_per_batch=args.members_per_batch,
+        per_class_variance=args.per_class_variance,
+    )
+    options = OutputOptions(args.save_probabilities, args.save_members, args.preview, args.overwrite)
+    written = {}
+    for index, (name, paths) in enumerate(cases.items()):
+        if len(paths) != expected:
+            raise InputError(
+                f"case {name} has {len(paths)} channel file(s) but model {bundle.meta['id']} needs {expected}; "
+                "name channel files <case>_0000, <case>_0001, ..."
+            )
+        progress.start_case(index, name)
+        outputs = segment_case(bundle, paths, name, args.output_dir, settings, options, progress)
+        written[name] = {k: str(v) for k, v in outputs.items()}
+        if args.progress == "text":
+            print(f"{name}: {outputs['segmentation']}")
+    progress.report("done", f"{len(cases)} case(s) segmented", outputs=written)
+    return 0
+
+
+def _writable(folder: Path) -> bool:
+    import os
+
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffseg", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"diffseg {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_segment_parser(subparsers)
+    return parser
+
+
+def _report_error(args: argparse.Namespace | None, message: str) -> None:
+    if args is not None and getattr(args, "progress", None) == "json":
+        print(json.dumps({"stage": "error", "message": message}), flush=True)
+    print(f"error: {message}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except DiffSegError as exc:
+        if args.debug:
+            traceback.print_exc()
+        _report_error(args, str(exc))
+        return 2
+    except KeyboardInterrupt:
+        _report_error(args, "interrupted; no outputs were written for the unfinished case")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Reverse diffusion over an explicit list of steps: DDPM ancestral and DDIM.
+
+Hand-written because MONAI's schedulers step to the wrong previous timestep after respacing
+(DESIGN.md); here each step goes from one kept alpha_bar to the previous kept one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .diffusion import eps_from_x0, posterior_mean_from_x0, posterior_variance, q_sample, x0_from_eps
+from .errors import InputError
+from .schedules import NoiseSchedule
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+SAMPLERS = ("ddpm", "ddim")
+PREDICTIONS = ("x0", "eps")
+
+
+def to_diffusion_space(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Label map (B, *S) -> one-hot * 2 - 1, shape (B, num_classes, *S)."""
+    one_hot = torch.nn.functional.one_hot(labels.long(), num_classes).movedim(-1, 1)
+    return one_hot.float() * 2 - 1
+
+
+def predict_x0(output: torch.Tensor, x_t: torch.Tensor, alpha_bar: float, prediction: str) -> torch.Tensor:
+    """The network's estimate of x0 in [-1, 1] from its raw output."""
+    if prediction == "x0":
+        return torch.softmax(output.float(), dim=1) * 2 - 1
+    return x0_from_eps(x_t, output.float(), alpha_bar).clamp(-1, 1)
+
+
+def x0_to_probabilities(x0: torch.Tensor) -> torch.Tensor:
+    """Map x0 in [-1, 1] back to class probabilities summing to one per voxel."""
+    p = ((x0 + 1) / 2).clamp_min(1e-6)
+    return p / p.sum(dim=1, keepdim=True)
+
+
+def member_generators(seed: int, first: int, count: int) -> list[torch.Generator]:
+    """One CPU generator per ensemble member, so a member's noise does not depend on batching or device."""
+    return [torch.Generator().manual_seed(seed * 1_000_003 + member) for member in range(first, first + count)]
+
+
+def start_noise(shape: tuple[int, ...], generators: list[torch.Generator], like: torch.Tensor) -> torch.Tensor:
+    """Standard normal noise, one row per generator, moved to the device of `like`."""
+    rows = [torch.randn(shape[1:], generator=g) for g in generators]
+    return torch.stack(rows).to(device=like.device, dtype=torch.float32)
+
+
+def initial_state(
+    schedule: NoiseSchedule,
+    shape: tuple[int, ...],
+    generators: list[torch.Generator],
+    like: torch.Tensor,
+    preseg: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x at the first sampling step: pure noise, or a pre-segmentation diffused there (PD-DDPM)."""
+    noise = start_noise(shape, generators, like)
+    if preseg is None:
+        return noise
+    return q_sample(preseg.to(noise), float(schedule.alpha_bar[-1]), noise)
+
+
+def sample(
+    denoise: Denoiser,
+    schedule: NoiseSchedule,
+    x: torch.Tensor,
+    *,
+    prediction: str = "x0",
+    sampler: str = "ddim",
+    eta: float = 0.0,
+    generators: list[torch.Generator],
+    on_step: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """Denoise x from the schedule's last step to its first; returns class probabilities.
+
+    The result is the network's x0 estimate at the final (least noisy) step, as in ImgX-DiffSeg.
+    """
+    if sampler not in SAMPLERS:
+        raise InputError(f"unknown sampler '{sampler}'; use one of {', '.join(SAMPLERS)}")
+    if prediction not in PREDICTIONS:
+        raise InputError(f"unknown prediction type '{prediction}' in the model; use x0 or eps")
+    if eta < 0:
+        raise InputError(f"eta must be >= 0, got {eta}")
+    steps = len(schedule)
+    for done, k in enumerate(reversed(range(steps))):
+        a_t = float(schedule.alpha_bar[k])
+        t = torch.full((x.shape[0],), int(schedule.timesteps[k]), device=x.device, dtype=torch.long)
+        output = denoise(x, t)
+        x0 = predict_x0(output, x, a_t, prediction)
+        if on_step is not None:
+            on_step(done + 1, steps)
+        if k == 0:
+            return torch.softmax(output.float(), dim=1) if prediction == "x0" else x0_to_probabilities(x0)
+        a_s = float(schedule.alpha_bar[k - 1])
+        x = _step(x, x0, a_t, a_s, sampler, eta, generators)
+    raise AssertionError("unreachable: a schedule has at least one step")
+
+
+def _step(x, x0, a_t: float, a_s: float, sampler: str, eta: float, generators) -> torch.Tensor:
+    """One move from the kept step with alpha_bar a_t to the previous kept step a_s."""
+    variance = posterior_variance(a_t, a_s)
+    if sampler == "ddpm":
+        return posterior_mean_from_x0(x, x0, a_t, a_s) + variance**0.5 * start_noise(x.shape, generators, x)
+    sigma = eta * variance**0.5
+    eps = eps_from_x0(x, x0, a_t)
+    x_s = a_s**0.5 * x0 + max(1 - a_s - sigma**2, 0.0) ** 0.5 * eps
+    return x_s + sigma * start_noise(x.shape, generators, x) if sigma > 0 else x_s
