@@ -1,0 +1,1 @@
+"""DiffSeg Slicer module internals: scene bridge, background worker, logic, dependency install."""

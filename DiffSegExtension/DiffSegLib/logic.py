@@ -1,0 +1,364 @@
+"""DiffSeg logic without Qt: scene -> files -> `diffseg segment` child process -> scene.
+
+Works in the Slicer application and on a plain slicer-core scene (tests, batch scripts). The
+child process does all the heavy work; this module only moves data and reports progress.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import slicer
+
+from . import scene as bridge
+from .worker import Worker, WorkerResult
+
+CASE = "input"  # case name of the files handed to the core
+ATTRIBUTE_PREFIX = "DiffSeg."
+SAMPLERS = ("ddim", "ddpm")
+DEVICES = ("auto", "cuda", "cpu")
+STAGE_TEXT = {
+    "load": "Loading",
+    "preprocess": "Preprocessing",
+    "preseg": "Pre-segmenting",
+    "sample": "Sampling",
+    "reduce": "Combining members",
+    "write": "Writing",
+    "done": "Done",
+    "error": "Failed",
+}
+
+
+def core_parent() -> Path:
+    """The folder holding the DiffSegCore package (source tree root or Slicer's scripted-modules dir)."""
+    import DiffSegCore
+
+    return Path(DiffSegCore.__file__).resolve().parent.parent
+
+
+def python_executable() -> str:
+    """PythonSlicer inside the Slicer application (same packages, no GUI), else this interpreter."""
+    if hasattr(slicer, "app"):
+        found = shutil.which("PythonSlicer")
+        if found:
+            return found
+        home = Path(slicer.app.slicerHome) / "bin"
+        return str(home / ("PythonSlicer.exe" if sys.platform == "win32" else "PythonSlicer"))
+    return sys.executable
+
+
+def model_meta(model: str) -> dict:
+    """Metadata of a bundle path or registry id (the bundle must be local by now)."""
+    from DiffSegCore.bundle import read_meta
+
+    path = Path(model)
+    if not path.exists():
+        from DiffSegCore.registry import resolve_model
+
+        path = resolve_model(model, download=False)
+    return read_meta(path)
+
+
+def describe_event(event: dict) -> str:
+    """One status line for a progress event."""
+    stage = event.get("stage", "")
+    text = STAGE_TEXT.get(stage, stage.capitalize())
+    if stage == "sample" and event.get("steps"):
+        text += f": step {event.get('step', 0)}/{event['steps']}"
+        if event.get("members"):
+            text += f", member {event.get('member', 0)}/{event['members']}"
+    message = event.get("message")
+    return f"{text} - {message}" if message and stage != "error" else (message if stage == "error" else text)
+
+
+class SegmentationRun:
+    """One run of the core in the background.
+
+    Call `pump()` regularly on the thread that owns the scene (the widget uses a QTimer; `wait()`
+    pumps until the end); progress and completion callbacks are called from `pump()`.
+    """
+
+    def __init__(
+        self,
+        worker: Worker,
+        workdir: Path,
+        settings: dict,
+        inputs: list,
+        outputSegmentationNode,
+        outputUncertaintyNode,
+        saveMembers: bool,
+        onProgress: Callable[[float, str], None] | None,
+        onFinished: Callable[[SegmentationRun], None] | None,
+    ):
+        self.worker = worker
+        self.workdir = workdir
+        self.settings = settings
+        self.inputs = inputs
+        self.targetSegmentationNode = outputSegmentationNode
+        self.targetUncertaintyNode = outputUncertaintyNode
+        self.saveMembers = saveMembers
+        self.onProgress = onProgress
+        self.onFinished = onFinished
+        self.state = "running"
+        self.error = ""
+        self.fraction = 0.0
+        self.message = "Starting"
+        self.segmentationNode = None
+        self.uncertaintyNode = None
+        self.memberSegmentationNodes: list = []
+        self.elapsed = 0.0
+
+    @property
+    def finished(self) -> bool:
+        return self.state != "running"
+
+    def pump(self) -> bool:
+        """Deliver pending progress; on completion import the results. True while still running."""
+        if self.finished:
+            return False
+        for event in self.worker.poll():
+            if event.get("fraction") is not None:
+                self.fraction = float(event["fraction"])
+            self.message = describe_event(event)
+            if self.onProgress:
+                self.onProgress(self.fraction, self.message)
+        self.elapsed = self.worker.elapsed
+        if self.worker.running():
+            return True
+        self._finish(self.worker.result())
+        return False
+
+    def wait(self, timeout: float | None = None, interval: float = 0.1) -> bool:
+        """Pump until the run ends (True) or `timeout` seconds pass (False)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.pump():
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(interval)
+        return True
+
+    def cancel(self) -> None:
+        """Kill the process tree; the scene is left as it was and temporary files are removed."""
+        if self.finished:
+            return
+        self.worker.cancel()
+        self._finish(self.worker.result())
+
+    def _finish(self, result: WorkerResult) -> None:
+        self.elapsed = self.worker.elapsed
+        try:
+            if result.cancelled:
+                self.state, self.message = "cancelled", "Cancelled"
+            elif not result.ok:
+                self.state, self.error = "failed", result.error
+                self.message = f"Failed: {result.error}"
+            else:
+                self._import_outputs()
+                self.state, self.fraction = "done", 1.0
+                self.message = f"Done in {self.elapsed:.1f} s"
+        except Exception as exc:  # the scene must stay clean whatever went wrong while importing
+            self.state, self.error = "failed", f"could not load the results: {exc}"
+            self.message = f"Failed: {self.error}"
+        finally:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        if self.onFinished:
+            self.onFinished(self)
+
+    def _import_outputs(self) -> None:
+        reference = self.inputs[0]
+        scene = reference.GetScene()
+        out = self.workdir / "output"
+        meta = model_meta(self.settings["model"])
+        self.settings["modelVersion"] = meta.get("version", "")
+        self.settings["elapsedSeconds"] = f"{self.elapsed:.2f}"
+        created = []
+        try:
+            labels = _load_labelmap(scene, out / f"{CASE}_seg.nii.gz", reference, created)
+            segmentation = self._segmentation_from(labels, meta, reference, f"{reference.GetName()} DiffSeg", created)
+            members = []
+            if self.saveMembers:
+                for k in range(1, int(self.settings["ensemble"]) + 1):
+                    member_labels = _load_labelmap(scene, out / f"{CASE}_member{k}_seg.nii.gz", reference, created)
+                    name = f"{reference.GetName()} DiffSeg member {k}"
+                    members.append(self._segmentation_from(member_labels, meta, reference, name, created))
+            uncertainty = self.targetUncertaintyNode
+            if uncertainty is None:
+                uncertainty = scene.AddNewNodeByClass(
+                    "vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(f"{reference.GetName()} DiffSeg uncertainty")
+                )
+                created.append(uncertainty)
+            bridge.read_volume_into(uncertainty, out / f"{CASE}_uncertainty.nii.gz", reference)
+        except Exception:
+            for node in created:
+                scene.RemoveNode(node)
+            raise
+        for node in [labels for labels in created if labels.IsA("vtkMRMLLabelMapVolumeNode")]:
+            scene.RemoveNode(node)
+        if self.targetSegmentationNode is not None:
+            # Built aside and copied in only now, so a failure never leaves a half-replaced node.
+            self.targetSegmentationNode.GetSegmentation().DeepCopy(segmentation.GetSegmentation())
+            self.targetSegmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(reference)
+            scene.RemoveNode(segmentation)
+            segmentation = self.targetSegmentationNode
+        for node in [segmentation, uncertainty, *members]:
+            for key, value in self.settings.items():
+                node.SetAttribute(ATTRIBUTE_PREFIX + key, str(value))
+        if segmentation.GetDisplayNode() is None:
+            segmentation.CreateDefaultDisplayNodes()
+        bridge.show_uncertainty(uncertainty, reference)
+        self.segmentationNode, self.uncertaintyNode, self.memberSegmentationNodes = segmentation, uncertainty, members
+
+    def _segmentation_from(self, labels, meta: dict, reference, name: str, created: list):
+        scene = reference.GetScene()
+        node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", scene.GenerateUniqueName(name))
+        created.append(node)
+        node.SetReferenceImageGeometryParameterFromVolumeNode(reference)
+        bridge.fill_segmentation(node, labels, meta["classes"])
+        return node
+
+
+def _load_labelmap(scene, path: Path, reference, created: list):
+    node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__diffseg_labels__")
+    created.append(node)
+    bridge.read_volume_into(node, path, reference)
+    return node
+
+
+class SegmentationLogic:
+    """Runs DiffSeg models on volume nodes of one scene."""
+
+    def __init__(self, scene=None):
+        self._scene = scene
+        self.activeRun: SegmentationRun | None = None
+
+    @property
+    def scene(self):
+        return self._scene if self._scene is not None else slicer.mrmlScene
+
+    def process(
+        self,
+        inputVolumeNodes,
+        model: str,
+        steps: int,
+        ensembleSize: int,
+        sampler: str = "ddim",
+        preseg=None,
+        presegStep: int | None = None,
+        device: str = "auto",
+        outputSegmentationNode=None,
+        outputUncertaintyNode=None,
+        saveMembers: bool = False,
+        waitForCompletion: bool = True,
+        seed: int | None = None,
+        overwrite: bool = False,
+        onProgress: Callable[[float, str], None] | None = None,
+        onFinished: Callable[[SegmentationRun], None] | None = None,
+    ):
+        """Segment `inputVolumeNodes` (one node or a list of channels) with `model` (bundle path or id).
+
+        `preseg` is None/"none", "model" (the bundle's own network) or a segmentation / label map
+        node. An existing segmentation node that already has segments is only replaced when
+        `overwrite` is True. With waitForCompletion=True returns (segmentationNode,
+        uncertaintyVolumeNode) and raises RuntimeError if the run fails; otherwise returns the
+        SegmentationRun at once (pump it, or let the widget's timer do so).
+        """
+        inputs = list(inputVolumeNodes) if isinstance(inputVolumeNodes, Sequence) else [inputVolumeNodes]
+        if not inputs or any(node is None or node.GetImageData() is None for node in inputs):
+            raise ValueError("select an input volume that holds image data")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, not {sampler!r}")
+        if device not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
+        if steps < 1 or ensembleSize < 1:
+            raise ValueError("steps and ensemble size must be at least 1")
+        for extra in inputs[1:]:
+            if not bridge.same_geometry(inputs[0], extra):
+                raise ValueError(
+                    f"channel {extra.GetName()} is not on the grid of {inputs[0].GetName()}; resample it first"
+                )
+        conflict = "" if overwrite else bridge.find_segmentation_conflict(outputSegmentationNode)
+        if conflict:
+            raise ValueError(conflict)
+        if self.activeRun is not None and not self.activeRun.finished:
+            raise RuntimeError("a DiffSeg run is already in progress; cancel it or wait for it to end")
+
+        seed = random.randrange(2**31) if seed is None else int(seed)
+        settings = {
+            "model": str(model),
+            "steps": int(steps),
+            "ensemble": int(ensembleSize),
+            "sampler": sampler,
+            "preseg": "none",
+            "device": device,
+            "seed": seed,
+            "inputs": ",".join(node.GetName() for node in inputs),
+        }
+        workdir = Path(tempfile.mkdtemp(prefix="DiffSeg-"))
+        try:
+            args = self._command(inputs, workdir, settings, preseg, presegStep, saveMembers)
+            env = dict(os.environ)
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(core_parent()), env.get("PYTHONPATH")]))
+            worker = Worker(args, env=env)
+            worker.start()
+        except BaseException:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        run = SegmentationRun(
+            worker,
+            workdir,
+            settings,
+            inputs,
+            outputSegmentationNode,
+            outputUncertaintyNode,
+            saveMembers,
+            onProgress,
+            onFinished,
+        )
+        self.activeRun = run
+        if not waitForCompletion:
+            return run
+        run.wait()
+        if run.state != "done":
+            raise RuntimeError(f"DiffSeg {run.state}: {run.error or run.message}")
+        return run.segmentationNode, run.uncertaintyNode
+
+    def cancel(self) -> None:
+        """Cancel the run in progress, if any."""
+        if self.activeRun is not None:
+            self.activeRun.cancel()
+
+    def _command(self, inputs, workdir: Path, settings: dict, preseg, presegStep, saveMembers: bool) -> list[str]:
+        """Write the inputs (and a pre-segmentation) to `workdir` and build the CLI command."""
+        paths = [bridge.write_volume(node, workdir / f"{CASE}_{index:04d}.nrrd") for index, node in enumerate(inputs)]
+        args = [python_executable(), "-m", "DiffSegCore", "segment", *map(str, paths)]
+        args += ["--model", settings["model"], "--steps", str(settings["steps"])]
+        args += ["--ensemble", str(settings["ensemble"]), "--sampler", settings["sampler"]]
+        args += ["--device", settings["device"], "--seed", str(settings["seed"])]
+        args += ["--output-dir", str(workdir / "output"), "--progress", "json"]
+        if preseg not in (None, "none"):
+            if preseg == "model":
+                settings["preseg"] = "model"
+            else:
+                settings["preseg"] = preseg.GetName()
+                preseg_path = workdir / "preseg.nrrd"
+                if preseg.IsA("vtkMRMLSegmentationNode"):
+                    bridge.export_segments_labelmap(
+                        preseg, model_meta(settings["model"])["classes"], inputs[0], preseg_path
+                    )
+                else:
+                    bridge.write_volume(preseg, preseg_path)
+                preseg = str(preseg_path)
+            args += ["--preseg", preseg]
+            if presegStep is not None:
+                settings["presegStep"] = int(presegStep)
+                args += ["--preseg-step", str(int(presegStep))]
+        if saveMembers:
+            args.append("--save-members")
+        return args

@@ -1,0 +1,170 @@
+"""Run the DiffSeg command line in a child process and collect its JSON-lines progress.
+
+Pure Python (no Qt, no VTK): a reader thread turns stdout lines into events on a queue, and
+whoever owns the scene drains the queue on its own thread (a QTimer in Slicer, a wait loop in
+batch scripts and tests), so callbacks never touch MRML from a background thread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass
+class WorkerResult:
+    """How the child process ended."""
+
+    returncode: int | None
+    cancelled: bool
+    outputs: dict[str, str] = field(default_factory=dict)
+    error: str = ""
+    log: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.cancelled and self.returncode == 0 and not self.error
+
+
+class Worker:
+    """One child process; `poll()` returns the progress events received since the last call."""
+
+    def __init__(self, args: Sequence[str], env: dict[str, str] | None = None, cwd: str | None = None):
+        self.args = list(args)
+        self.env = env
+        self.cwd = cwd
+        self._events: queue.Queue[dict] = queue.Queue()
+        self._process: subprocess.Popen | None = None
+        self._reader: threading.Thread | None = None
+        self._cancelled = False
+        self._outputs: dict[str, str] = {}
+        self._error = ""
+        self._log: list[str] = []
+        self.started_at = 0.0
+
+    def start(self) -> None:
+        """Start the process in its own process group so that cancel reaches its children too."""
+        kwargs: dict = {}
+        if sys.platform == "win32":
+            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
+        else:
+            kwargs["start_new_session"] = True
+        self.started_at = time.monotonic()
+        self._process = subprocess.Popen(
+            self.args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+            bufsize=1,
+            env=self.env,
+            cwd=self.cwd,
+            **kwargs,
+        )
+        self._reader = threading.Thread(target=self._read, name="diffseg-worker-reader", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self._process is not None and self._process.stdout is not None
+        for line in self._process.stdout:
+            line = line.rstrip("\n")
+            if not line:
+                continue
+            event = _parse_event(line)
+            if event is None:
+                # Warnings, library messages and tracebacks (with --debug) are kept for the error report.
+                self._log.append(line)
+                continue
+            if event.get("stage") == "done":
+                self._outputs = dict(event.get("outputs") or {})
+            elif event.get("stage") == "error":
+                self._error = str(event.get("message", "unknown error"))
+            self._events.put(event)
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started_at if self.started_at else 0.0
+
+    def poll(self) -> list[dict]:
+        """Progress events received since the last call (never blocks)."""
+        events = []
+        while True:
+            try:
+                events.append(self._events.get_nowait())
+            except queue.Empty:
+                return events
+
+    def running(self) -> bool:
+        """True while the process runs or its output is still being read."""
+        if self._process is None:
+            return False
+        return self._process.poll() is None or (self._reader is not None and self._reader.is_alive())
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the process ended and its output is read; False on timeout."""
+        if self._process is None:
+            return True
+        try:
+            self._process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        if self._reader is not None:
+            self._reader.join(timeout)
+            return not self._reader.is_alive()
+        return True
+
+    def cancel(self, grace: float = 3.0) -> None:
+        """Stop the whole process tree: a polite signal first, then a kill after `grace` seconds."""
+        self._cancelled = True
+        process = self._process
+        if process is None or process.poll() is not None:
+            return
+        if sys.platform == "win32":
+            # taskkill /T is the standard way to end a process together with its children on Windows.
+            subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], capture_output=True, check=False)
+        else:
+            _signal_group(process.pid, signal.SIGTERM)
+            try:
+                process.wait(grace)
+            except subprocess.TimeoutExpired:
+                _signal_group(process.pid, signal.SIGKILL)
+        process.wait()
+        if self._reader is not None:
+            self._reader.join(grace)
+
+    def result(self) -> WorkerResult:
+        """The outcome; call after `wait()` or once `running()` is False."""
+        returncode = self._process.poll() if self._process is not None else None
+        error = self._error
+        if not error and not self._cancelled and returncode not in (0, None):
+            tail = "; ".join(self._log[-3:])
+            error = f"diffseg exited with code {returncode}" + (f": {tail}" if tail else "")
+        return WorkerResult(returncode, self._cancelled, dict(self._outputs), error, list(self._log))
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(os.getpgid(pid), sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _parse_event(line: str) -> dict | None:
+    """A progress event if the line is one JSON object with a stage, else None."""
+    if not line.startswith("{"):
+        return None
+    try:
+        event = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return event if isinstance(event, dict) and "stage" in event else None

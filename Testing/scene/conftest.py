@@ -1,0 +1,76 @@
+"""Fixtures for the Slicer-side tests: a real slicer-core MRML scene and a small real model bundle."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "DiffSegExtension"))
+
+HIPPOCAMPUS = Path("/work/shared/data/hippocampus")
+CASE = HIPPOCAMPUS / "imagesTr" / "hippocampus_001.nii.gz"
+CLASSES = [
+    {
+        "value": 1,
+        "name": "Anterior hippocampus",
+        "color": [0.9, 0.4, 0.1],
+        "terminology": {
+            "category": {"scheme": "SCT", "code": "123037004", "meaning": "Anatomical Structure"},
+            "type": {"scheme": "SCT", "code": "5366008", "meaning": "Hippocampus"},
+        },
+    },
+    {"value": 2, "name": "Posterior hippocampus", "color": [0.2, 0.5, 0.95]},
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory) -> Path:
+    """An untrained but real network saved as a bundle; tests compare the Logic with the CLI on it."""
+    import torch
+
+    from DiffSegCore.bundle import save_bundle
+    from DiffSegCore.networks import build_network, network_defaults
+
+    config = {**network_defaults(), "num_classes": 3, "widths": [8, 16], "time_dim": 16}
+    torch.manual_seed(0)
+    network = build_network(config)
+    meta = {
+        "id": "tiny-test",
+        "version": "0.0.1",
+        "title": "Tiny untrained test model",
+        "description": "Random weights; only for plumbing tests.",
+        "license": "Apache-2.0",
+        "modality": "MR",
+        "channels": [{"name": "T1", "normalisation": {"kind": "percentile_zscore"}}],
+        "spacing": None,
+        "classes": CLASSES,
+        "network": config,
+        "diffusion": {"train_steps": 5, "base_steps": 1001, "schedule": "linear", "prediction": "x0"},
+        "defaults": {"steps": 2, "ensemble": 2, "sampler": "ddim"},
+        "expected_seconds": {"cpu": 1, "gpu": 1},
+    }
+    return save_bundle(tmp_path_factory.mktemp("models") / "tiny", meta, network.state_dict())
+
+
+@pytest.fixture
+def standalone():
+    """A fresh MRML scene with the Volumes and Segmentations module logics registered."""
+    from DiffSegLib.scene import StandaloneScene
+
+    standalone = StandaloneScene()
+    yield standalone
+    standalone.scene.Clear(True)
+
+
+@pytest.fixture
+def scene(standalone):
+    return standalone.scene
+
+
+@pytest.fixture
+def volume(standalone):
+    """The first hippocampus case loaded by Slicer's own volumes logic."""
+    return standalone.load_volume(CASE, "hippocampus_001")
