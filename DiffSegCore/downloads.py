@@ -26,7 +26,8 @@ Progress = Callable[[int, int | None], None]
 """Called with (bytes on disk, expected total or None) as a download advances."""
 
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
-CHUNK_BYTES = 1 << 20
+# A read cut short by a dropped connection loses its whole chunk, so keep chunks small.
+CHUNK_BYTES = 1 << 16
 DEFAULT_TIMEOUT = (10.0, 60.0)  # seconds to connect, seconds of silence while reading
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 HEADERS = {

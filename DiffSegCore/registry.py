@@ -358,8 +358,10 @@ def _download(model_id: str, spec: dict, progress: Progress | None) -> Path:
             progress=progress,
         )
         record = {"source": "download", "url": spec["url"], "sha256": spec["sha256"].lower()}
-        _install(archive, record, expect=(model_id, version))
-        archive.unlink()
+        try:
+            _install(archive, record, expect=(model_id, version))
+        finally:
+            archive.unlink()  # unpacked, or unusable: fetching the same bytes again would not help
     return target
 
 
