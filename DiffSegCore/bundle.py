@@ -116,7 +116,7 @@ def _read_weights(source: _Source, name: str) -> dict[str, torch.Tensor]:
         ) from None
 
 
-def _network_config(meta: dict, key: str) -> dict:
+def network_config(meta: dict, key: str) -> dict:
     config = dict(meta[key])
     config.setdefault("num_classes", len(meta["classes"]) + 1)
     config.setdefault("image_channels", len(meta["channels"]))
@@ -145,10 +145,10 @@ def _networks(source: _Source, meta: dict, device: str | torch.device):
         if not meta.get(key):
             continue
         with torch.device("meta"):
-            skeleton = build_network(_network_config(meta, key))
+            skeleton = build_network(network_config(meta, key))
         weights = _read_weights(source, filename)
         _check_weights(skeleton, weights, key)
-        network = build_network(_network_config(meta, key))
+        network = build_network(network_config(meta, key))
         network.load_state_dict(weights)
         built[key] = network.to(device).eval()
     return built
