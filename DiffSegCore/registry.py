@@ -272,7 +272,9 @@ def list_models() -> list[ModelInfo]:
     """Registry models (downloaded or not) in registry order, then models only in the local cache."""
     registry = _load_registry()
     infos = [_registry_info(registry, entry) for entry in registry.models.values()]
-    cached = sorted(p.name for p in cache_dir().iterdir() if p.is_dir()) if cache_dir().is_dir() else []
+    folders = cache_dir().iterdir() if cache_dir().is_dir() else []
+    # Dot-folders are imports and removals in progress.
+    cached = sorted(p.name for p in folders if p.is_dir() and not p.name.startswith("."))
     for model_id in cached:
         if model_id not in registry.models and (info := _imported_info(model_id)) is not None:
             infos.append(info)
