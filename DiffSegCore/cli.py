@@ -13,6 +13,7 @@ from . import __version__
 from .bundle import ModelBundle, load_bundle
 from .errors import DiffSegError, InputError
 from .inference import SegmentSettings, resolve_device
+from .models_cli import add_models_parser
 from .progress import Progress
 from .segment import OutputOptions, segment_case
 from .volumes import case_name, is_volume_file
@@ -132,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_segment_parser(subparsers)
+    add_models_parser(subparsers)
     return parser
 
 
