@@ -41,6 +41,7 @@ INSTALL_FILE = "install.json"
 MODEL_FILE = "model.json"
 # Weight formats that unpickle on load; checked by content, see _pickled.
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
+_MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # as in the schemas
 _SEMVER = re.compile(r"(\d+)\.(\d+)\.(\d+)(?:-([0-9A-Za-z.-]+))?(?:\+[0-9A-Za-z.-]+)?")
 
 
@@ -294,7 +295,10 @@ def model_info(model_id: str) -> ModelInfo:
 
 
 def _split_ref(ref: str) -> tuple[str, str | None]:
+    """`id` or `id@version`, checked so that neither can leave the cache folder."""
     model_id, _, version = ref.partition("@")
+    if not _MODEL_ID.fullmatch(model_id) or (version and not _SEMVER.fullmatch(version)):
+        raise ModelError(f"'{ref}' is neither an existing bundle path nor a model id like name or name@1.2.3")
     return model_id, version or None
 
 

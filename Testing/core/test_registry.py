@@ -236,6 +236,9 @@ def test_import_folder_and_zip_then_remove(lab, tmp_path):
     assert "my-model" not in [m.id for m in registry.list_models()]
     with pytest.raises(ModelError, match="is not in the model cache"):
         registry.remove_model("my-model")
+    for ref in ("..", "my-model@../..", "a b"):
+        with pytest.raises(ModelError, match="is neither an existing bundle path nor a model id"):
+            registry.remove_model(ref)
 
 
 @pytest.mark.parametrize("zip_format", [True, False], ids=["torch-zip", "legacy-pickle"])
