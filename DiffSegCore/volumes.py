@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import gzip
+import math
 import os
 import re
+import struct
 import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +18,7 @@ from .errors import InputError, RuntimeFault
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 CHANNEL_SUFFIX = re.compile(r"_(\d{4})$")
+NIFTI2_HEADER = 540
 
 
 def case_name(path: str | Path) -> str:
@@ -41,17 +46,78 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
     return reader.Execute()
 
 
+def _itk_reason(exc: RuntimeError) -> str:
+    """The informative line of a SimpleITK exception (not the source location or a stale errno)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith(("Exception thrown", "Reason:"))] or lines
+    reason = re.sub(r"^(ITK ERROR|sitk::ERROR):\s*(\w+\(0x[0-9a-f]+\):\s*)?", "", lines[-1] if lines else "")
+    return reason[:160] or "unknown reason"
+
+
+def _stored(path: Path) -> tuple[bytes, int]:
+    """The header bytes and byte count of a file once decompressed; a cut-short gzip stream raises InputError."""
+    if not path.name.lower().endswith(".gz"):
+        with open(path, "rb") as stream:
+            return stream.read(NIFTI2_HEADER), path.stat().st_size
+    try:
+        with gzip.open(path) as stream:
+            head = stream.read(NIFTI2_HEADER)
+            return head, len(head) + sum(len(chunk) for chunk in iter(lambda: stream.read(1 << 20), b""))
+    except (EOFError, OSError, zlib.error) as exc:
+        raise InputError(f"{path} is truncated or corrupt ({exc}); copy or export the file again") from None
+
+
+def _nifti_dims(head: bytes) -> list[int] | None:
+    """Axis sizes as the NIfTI-1/2 header stores them (ITK reports a zero size as 1)."""
+    for order in "<>":
+        if len(head) >= 56 and struct.unpack(f"{order}i", head[:4])[0] == 348:
+            dims = struct.unpack(f"{order}8h", head[40:56])
+        elif len(head) >= 80 and struct.unpack(f"{order}i", head[:4])[0] == NIFTI2_HEADER:
+            dims = struct.unpack(f"{order}8q", head[16:80])
+        else:
+            continue
+        return list(dims[1 : 1 + min(max(dims[0], 0), 7)])
+    return None
+
+
+def check_complete(path: Path, reader: sitk.ImageFileReader) -> None:
+    """Refuse a cut-short or empty NIfTI file.
+
+    Hand-written because ITK's NIfTI reader fills missing voxels with zeros and reads a zero-sized
+    axis as size 1 instead of failing (other formats fail on their own).
+    """
+    head, stored = _stored(path)
+    dims = _nifti_dims(head) if path.name.lower().endswith((".nii", ".nii.gz")) else None
+    if dims is None or not reader.HasMetaDataKey("vox_offset"):
+        return
+    if 0 in dims:
+        raise InputError(f"{path} is empty (size {' x '.join(map(str, dims))}); pass a non-empty volume")
+    expected = int(float(reader.GetMetaData("vox_offset"))) + math.prod(dims) * int(reader.GetMetaData("bitpix")) // 8
+    if stored < expected:
+        raise InputError(f"{path} is truncated ({stored} of {expected} bytes); copy or export the file again")
+
+
 def read_image(path: str | Path) -> sitk.Image:
     """Read a file SimpleITK understands, or a DICOM series folder."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"input not found: {path}; check the path")
     try:
-        return _read_dicom_series(path) if path.is_dir() else sitk.ReadImage(str(path))
+        if path.is_dir():
+            return _read_dicom_series(path)
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        check_complete(path, reader)
+        return reader.Execute()
     except RuntimeError as exc:
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reason"
+        reason = _itk_reason(exc)
+        if "Unable to determine ImageIO reader" in reason:
+            raise InputError(
+                f"{path} is not an image SimpleITK can read; pass a NIfTI, NRRD, MetaImage file or a DICOM folder"
+            ) from None
         raise InputError(
-            f"cannot read {path} as an image ({reason[:160]}); check that the file is complete and a volume format"
+            f"cannot read {path} as an image ({reason}); check that the file is complete and a volume format"
         ) from None
 
 
@@ -67,9 +133,22 @@ def read_volume(path: str | Path) -> sitk.Image:
         raise InputError(f"{path} is a 4D (time series) image; extract one 3D volume first")
     if image.GetDimension() != 3:
         raise InputError(f"{path} is a {image.GetDimension()}D image; the model needs a 3D volume")
-    if min(image.GetSize()) < 1 or 0 in image.GetSize():
+    if 0 in image.GetSize():
         raise InputError(f"{path} is empty (size {image.GetSize()}); pass a non-empty volume")
+    if 1 in image.GetSize():
+        size = " x ".join(map(str, image.GetSize()))
+        raise InputError(f"{path} is a single slice ({size} voxels); the model needs a 3D volume")
     return image
+
+
+def check_voxels(image: sitk.Image, path: str | Path) -> None:
+    """Refuse NaN/Inf voxels and constant volumes: both would give a meaningless segmentation."""
+    voxels = sitk.GetArrayViewFromImage(image)
+    if voxels.dtype.kind == "f" and not np.isfinite(voxels).all():
+        raise InputError(f"{path} contains NaN or infinite voxels; fix or mask them before segmenting")
+    low, high = voxels.min(), voxels.max()
+    if low == high:
+        raise InputError(f"{path} is constant (every voxel is {low}); it holds no image to segment, check the file")
 
 
 def same_geometry(a: sitk.Image, b: sitk.Image, tol: float = 1e-4) -> bool:
@@ -84,6 +163,8 @@ def same_geometry(a: sitk.Image, b: sitk.Image, tol: float = 1e-4) -> bool:
 def read_channels(paths: list[Path]) -> list[sitk.Image]:
     """Read one volume per channel and check they share one geometry."""
     images = [read_volume(p) for p in paths]
+    for path, image in zip(paths, images):
+        check_voxels(image, path)
     for path, image in zip(paths[1:], images[1:]):
         if not same_geometry(images[0], image):
             raise InputError(
@@ -107,21 +188,46 @@ def from_array(array: np.ndarray, reference: sitk.Image, is_vector: bool = False
     return image
 
 
+def _check_written(path: Path) -> None:
+    """Read back the header and byte count: ITK's NIfTI writer reports a short write (disk full) only on stderr."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    check_complete(path, reader)
+    with open(path, "rb+") as stream:
+        os.fsync(stream.fileno())
+
+
+def _default_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_image_atomic(image: sitk.Image, path: str | Path) -> Path:
-    """Write to a temporary name in the target folder, then rename: never a half-written file."""
+    """Write to a temporary name in the target folder, check it, then rename: never a half-written file."""
     path = Path(path)
     suffix = next((s for s in VOLUME_SUFFIXES if path.name.lower().endswith(s)), path.suffix)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+        os.close(fd)
         sitk.WriteImage(image, tmp, useCompression=True)
+        _check_written(Path(tmp))
+        os.chmod(tmp, _default_mode())  # mkstemp creates 0600 files; outputs get the usual permissions
         os.replace(tmp, path)
-    except RuntimeError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise RuntimeFault(
-            f"cannot write {path} ({str(exc).strip().splitlines()[-1][:120]}); check free disk space"
-        ) from None
+    except (RuntimeError, OSError, InputError) as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, RuntimeError):
+            reason = _itk_reason(exc)
+        elif isinstance(exc, OSError):
+            reason = exc.strerror or str(exc)
+        else:
+            reason = "the written file came out incomplete"
+        raise RuntimeFault(f"cannot write {path} ({reason}); check free disk space and write permission") from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
     return path
