@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import shutil
+import subprocess
+import sys
 import threading
 import zipfile
 from dataclasses import dataclass
@@ -13,11 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from DiffSegCore import registry
+from DiffSegCore import cli, registry
 from DiffSegCore.bundle import load_bundle
 from DiffSegCore.downloads import ChecksumError
 from DiffSegCore.errors import ModelError
-from DiffSegCore.models_cli import add_models_parser
 from DiffSegCore.resources import resource_path
 from Testing.conftest import make_tiny_bundle
 from Testing.core.local_http import FileServer
@@ -99,10 +99,8 @@ def lab(tmp_path, monkeypatch, tiny_bundle, zips):
 
 
 def run_cli(*argv: str) -> int:
-    parser = argparse.ArgumentParser(prog="diffseg")
-    add_models_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["models", *argv])
-    return args.func(args)
+    """`diffseg models ...` in this process, through the real entry point."""
+    return cli.main(["models", *argv])
 
 
 def cache_files(lab: Lab) -> list[str]:
@@ -334,3 +332,21 @@ def test_cli_list_download_info_import_remove(lab, tmp_path, capsys):
     assert any(line.split()[:3] == ["cli-model", "2.0.0", "imported"] for line in capsys.readouterr().out.splitlines())
     assert run_cli("remove", "cli-model") == 0
     assert capsys.readouterr().out.strip() == "removed cli-model@2.0.0"
+
+    assert run_cli("info", "cli-model") == 2
+    assert (
+        capsys.readouterr().err.strip()
+        == "error: unknown model 'cli-model'; `diffseg models list` shows the available ones"
+    )
+
+
+def test_diffseg_models_list_as_a_command(lab):
+    done = subprocess.run(
+        [sys.executable, "-m", "DiffSegCore", "models", "list", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert done.returncode == 0, done.stderr
+    assert [m["id"] for m in json.loads(done.stdout)] == ["tiny", "lab-model"]
