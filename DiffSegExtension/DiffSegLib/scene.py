@@ -14,7 +14,11 @@ import vtk
 from vtk.util import numpy_support
 
 # Module logics the bridge needs; the Segmentations logic also registers the labelmap converters.
-MODULE_LOGICS = {"Volumes": "vtkSlicerVolumesLogic", "Segmentations": "vtkSlicerSegmentationsModuleLogic"}
+MODULE_LOGICS = {
+    "Colors": "vtkSlicerColorLogic",
+    "Volumes": "vtkSlicerVolumesLogic",
+    "Segmentations": "vtkSlicerSegmentationsModuleLogic",
+}
 
 # Viridis at eleven evenly spaced stops (matplotlib's published colour map), used only when the
 # scene lacks Slicer's own "Viridis" colour table (the slicer-core wheel ships no colour files).

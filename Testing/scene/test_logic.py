@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import slicer
+import vtk
 from conftest import CASE, CLASSES
 from DiffSegLib import scene as bridge
 from DiffSegLib.logic import ATTRIBUTE_PREFIX, SegmentationLogic
@@ -61,9 +65,6 @@ def labelmap_of(segmentation_node, reference) -> np.ndarray:
     export = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
     segmentation = segmentation_node.GetSegmentation()
     for cls in CLASSES:
-        ids = slicer.vtk.vtkStringArray() if hasattr(slicer, "vtk") else None
-        import vtk
-
         ids = vtk.vtkStringArray()
         ids.InsertNextValue(segmentation.GetSegmentIdBySegmentName(cls["name"]))
         assert slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
@@ -123,3 +124,95 @@ def test_fixture_output_is_not_trivial(cli_outputs):
     """The comparison above only means something if the untrained model labels several classes."""
     assert len(np.unique(cli_outputs["labels"])) >= 2
     assert cli_outputs["uncertainty"].max() > 0
+
+
+def scene_snapshot(scene) -> list[str]:
+    return [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())]
+
+
+def diffseg_temp_dirs() -> set:
+    return set(Path(tempfile.gettempdir()).glob("DiffSeg-*"))
+
+
+def test_background_run_reports_progress_and_cancel_leaves_scene_as_it_was(scene, volume, tiny_bundle):
+    before, temps = scene_snapshot(scene), diffseg_temp_dirs()
+    progress, finished = [], []
+    logic = SegmentationLogic(scene)
+    run = logic.process(
+        volume,
+        str(tiny_bundle),
+        steps=5,
+        ensembleSize=8,
+        device="cpu",
+        seed=1,
+        waitForCompletion=False,
+        onProgress=lambda fraction, message: progress.append((fraction, message)),
+        onFinished=finished.append,
+    )
+    assert not run.finished  # returned at once
+    deadline = time.monotonic() + 60
+    while not any(message.startswith("Sampling") for _, message in progress):
+        assert run.pump() and time.monotonic() < deadline
+        time.sleep(0.05)
+    process = run.worker._process
+    logic.cancel()
+    assert run.state == "cancelled" and finished == [run]
+    assert process.poll() is not None
+    assert scene_snapshot(scene) == before
+    assert diffseg_temp_dirs() == temps
+    fractions = [f for f, _ in progress]
+    assert fractions == sorted(fractions) and 0 < fractions[-1] < 1
+
+
+def test_failed_run_leaves_no_stray_nodes_or_files(scene, volume, tmp_path):
+    before, temps = scene_snapshot(scene), diffseg_temp_dirs()
+    with pytest.raises(RuntimeError, match="model bundle not found"):
+        SegmentationLogic(scene).process(volume, str(tmp_path / "missing"), steps=1, ensembleSize=1, device="cpu")
+    assert scene_snapshot(scene) == before
+    assert diffseg_temp_dirs() == temps
+
+
+def test_existing_segmentation_is_replaced_only_when_asked(scene, volume, tiny_bundle, cli_outputs):
+    existing = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "mine")
+    existing.GetSegmentation().AddEmptySegment("drawn", "drawn by hand")
+    with pytest.raises(ValueError, match="already holds 1 segments"):
+        SegmentationLogic(scene).process(volume, str(tiny_bundle), outputSegmentationNode=existing, **SETTINGS)
+    assert existing.GetSegmentation().GetSegment("drawn") is not None
+
+    segmentation, _ = SegmentationLogic(scene).process(
+        volume, str(tiny_bundle), outputSegmentationNode=existing, overwrite=True, **SETTINGS
+    )
+    assert segmentation is existing
+    assert existing.GetSegmentation().GetSegment("drawn") is None
+    assert np.array_equal(labelmap_of(existing, volume), cli_outputs["labels"])
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
+
+
+def test_members_and_presegmentation_from_a_segmentation_node(scene, volume, tiny_bundle, tmp_path):
+    """A drawn segmentation starts the sampling (PD-DDPM) exactly as a label file does on the CLI."""
+    truth_file = Path(str(CASE).replace("imagesTr", "labelsTr"))
+    drawn = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "truth")
+    bridge.read_volume_into(drawn, truth_file, volume)
+    preseg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "drawn")
+    preseg.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    bridge.fill_segmentation(preseg, drawn, CLASSES[::-1])  # segment order differs: matched by name
+    exported = bridge.export_segments_labelmap(preseg, CLASSES, volume, tmp_path / "exported.nrrd")
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(truth_file)))
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(exported))), truth)
+
+    logic = SegmentationLogic(scene)
+    segmentation, _ = logic.process(volume, str(tiny_bundle), preseg=preseg, presegStep=1, saveMembers=True, **SETTINGS)
+    out = tmp_path / "cli"
+    cli = [sys.executable, "-m", "DiffSegCore", "segment", str(CASE), "--model", str(tiny_bundle), "--steps", "2"]
+    cli += ["--ensemble", "2", "--device", "cpu", "--seed", str(SEED), "--output-dir", str(out), "--progress", "none"]
+    subprocess.run([*cli, "--preseg", str(exported), "--preseg-step", "1", "--save-members"], check=True)
+    expected = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "hippocampus_001_seg.nii.gz")))
+    assert np.array_equal(labelmap_of(segmentation, volume), expected)
+    assert segmentation.GetAttribute(ATTRIBUTE_PREFIX + "preseg") == "drawn"
+    assert segmentation.GetAttribute(ATTRIBUTE_PREFIX + "presegStep") == "1"
+
+    members = logic.activeRun.memberSegmentationNodes
+    assert len(members) == SETTINGS["ensembleSize"]
+    for k, member in enumerate(members, start=1):
+        expected = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"hippocampus_001_member{k}_seg.nii.gz")))
+        assert np.array_equal(labelmap_of(member, volume), expected)
