@@ -66,15 +66,36 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def memory_limit_bytes() -> int | None:
+    """The cap set by DIFFSEG_MEMORY_LIMIT_MB (for shared machines and tests), or None."""
+    value = os.environ.get("DIFFSEG_MEMORY_LIMIT_MB")
+    if not value:
+        return None
+    try:
+        return int(float(value) * 2**20)
+    except ValueError:
+        raise InputError(f"DIFFSEG_MEMORY_LIMIT_MB={value!r} is not a number of megabytes; fix or unset it") from None
+
+
 def free_memory_bytes(device: torch.device) -> int:
-    """Memory the run may take: free GPU memory, or MemAvailable on the host."""
+    """Memory the run may take: free GPU memory, or MemAvailable on the host; capped by DIFFSEG_MEMORY_LIMIT_MB."""
+    limit = memory_limit_bytes()
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    with contextlib.suppress(OSError, ValueError), open("/proc/meminfo") as meminfo:
-        for line in meminfo:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        with contextlib.suppress(OSError, ValueError), open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    free = int(line.split()[1]) * 1024
+    return free if limit is None else min(free, limit)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA raises OutOfMemoryError; the CPU allocator raises a plain RuntimeError."""
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+    )
 
 
 def member_bytes(network: UNet3D, shape: tuple[int, ...], bytes_per_value: int = 4) -> int:
@@ -124,9 +145,10 @@ def make_plan(bundle: ModelBundle, shape: tuple[int, ...], settings: SegmentSett
     if use_window:
         per_member = member_bytes(bundle.network, window_shape, value_bytes) * 2
         if per_member > budget:
+            capped = " (capped by DIFFSEG_MEMORY_LIMIT_MB)" if memory_limit_bytes() is not None else ""
             raise RuntimeFault(
-                f"not enough memory: one sliding window needs about {per_member / 2**30:.1f} GiB but "
-                f"{budget / 2**30:.1f} GiB is free; close other programs or use a machine with more memory"
+                f"not enough memory: one sliding window needs about {per_member / 2**20:.0f} MiB but the run may use "
+                f"{budget / 2**20:.0f} MiB{capped}; close other programs or use a machine with more memory"
             )
     batch = settings.members_per_batch or max(1, min(members, int(budget // per_member)))
     return Plan(device, batch, window_shape if use_window else None)
@@ -219,13 +241,20 @@ def predict_volume(
         raise InputError("--steps and --ensemble must be at least 1")
     progress = progress or Progress("none")
     plan = make_plan(bundle, tuple(image.shape[1:]), settings, settings.ensemble)
+    if plan.window is not None and settings.window == "auto":
+        progress.note(f"the whole volume does not fit in the memory at hand; running {plan.describe()}")
     while True:
         try:
             return _run_plan(bundle, image, settings, preseg_mask, plan, progress)
-        except torch.OutOfMemoryError:
+        except RuntimeError as exc:
+            if not is_out_of_memory(exc):
+                raise
             smaller = plan.fallback()
             if smaller is None:
-                raise RuntimeFault("out of memory even with one member in a sliding window on the CPU") from None
+                raise RuntimeFault(
+                    "out of memory even with one member in a sliding window on the CPU; "
+                    "close other programs or use a machine with more memory"
+                ) from None
             progress.note(f"out of memory with {plan.describe()}; retrying with {smaller.describe()}")
             if plan.device.type == "cuda":
                 torch.cuda.empty_cache()
