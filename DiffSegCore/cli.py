@@ -10,12 +10,9 @@ from collections import defaultdict
 from pathlib import Path
 
 from . import __version__
-from .bundle import ModelBundle, load_bundle
 from .errors import DiffSegError, InputError
-from .inference import SegmentSettings, resolve_device
 from .models_cli import add_models_parser
 from .progress import Progress
-from .segment import OutputOptions, segment_case
 from .volumes import case_name, is_volume_file
 
 DEFAULT_MODEL = "hippocampus-recycling-x0"
@@ -38,14 +35,17 @@ def collect_cases(inputs: list[str]) -> dict[str, list[Path]]:
     return {name: sorted(paths, key=lambda p: p.name) for name, paths in cases.items()}
 
 
-def load_model(ref: str, device: str) -> ModelBundle:
-    """A bundle path, or a registry id resolved (and downloaded on first use) by the registry."""
-    path = Path(ref)
-    if not path.exists():
-        from .registry import resolve_model
+def load_model(ref: str, device: str, progress: Progress):
+    """A bundle path, or a registry id resolved (and downloaded on first use, with progress)."""
+    # torch-heavy modules load here so that `diffseg models ...` starts fast.
+    from .bundle import load_bundle
+    from .inference import resolve_device
+    from .registry import resolve_model
 
-        path = resolve_model(ref)
-    return load_bundle(path, resolve_device(device))
+    def on_bytes(done: int, total: int | None) -> None:
+        progress.report("load", f"downloading {ref}: {done / 2**20:.1f} MiB", within=(done / total) if total else 0.0)
+
+    return load_bundle(resolve_model(ref, progress=on_bytes), resolve_device(device))
 
 
 def _add_segment_parser(subparsers) -> None:
@@ -84,12 +84,15 @@ def _add_segment_parser(subparsers) -> None:
 
 
 def run_segment(args: argparse.Namespace) -> int:
+    from .inference import SegmentSettings
+    from .segment import OutputOptions, segment_case
+
     cases = collect_cases(args.inputs)
     progress = Progress(args.progress, len(cases))
     args.output_dir.mkdir(parents=True, exist_ok=True)
     if not args.output_dir.is_dir() or not _writable(args.output_dir):
         raise InputError(f"output folder {args.output_dir} is not writable; choose another --output-dir")
-    bundle = load_model(args.model, args.device)
+    bundle = load_model(args.model, args.device, progress)
     expected = len(bundle.meta["channels"])
     settings = SegmentSettings(
         steps=args.steps,
