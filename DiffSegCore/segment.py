@@ -17,9 +17,9 @@ import SimpleITK as sitk
 import torch
 
 from .bundle import ModelBundle
-from .errors import InputError
+from .errors import InputError, RuntimeFault
 from .inference import SegmentSettings, predict_volume, resolve_device
-from .preprocess import prepare_image, resample_like, resample_to_spacing
+from .preprocess import intensity_warnings, prepare_image, resample_like, resample_to_spacing
 from .preview import write_preview
 from .progress import Progress
 from .volumes import from_array, read_channels, read_volume, same_geometry, to_array, write_image_atomic
@@ -119,6 +119,9 @@ def segment_case(
 
     progress.report("load", f"reading {', '.join(p.name for p in inputs)}")
     images = read_channels(inputs)
+    warnings = intensity_warnings(images, bundle.meta)
+    for warning in warnings:
+        progress.note(f"warning: {warning}")
     reference = images[0]
     preseg = None
     if settings.preseg not in ("none", "model"):
@@ -133,7 +136,10 @@ def segment_case(
     result = predict_volume(bundle, image, settings, preseg, progress)
     lap("sample")
     progress.report("write", "writing outputs")
-    staging = Path(tempfile.mkdtemp(prefix=f".{case}.", dir=output_dir))
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{case}.", dir=output_dir))
+    except OSError as exc:
+        raise RuntimeFault(f"cannot write in {output_dir} ({exc.strerror}); check write permission") from None
     try:
         results = _results_on_input_grid(result, grid, reference, options)
         for key, img in results.items():
@@ -148,13 +154,33 @@ def segment_case(
                 staging / names["preview"],
             )
         lap("write")
-        record = run_record(bundle, inputs, settings, options, timings, device, result)
+        record = {**run_record(bundle, inputs, settings, options, timings, device, result), "warnings": warnings}
         (staging / names["run"]).write_text(json.dumps(record, indent=2) + "\n")
-        for key, name in names.items():
-            os.replace(staging / name, targets[key])
+        _publish(staging, names, targets, options.overwrite)
+    except OSError as exc:
+        raise RuntimeFault(
+            f"cannot write the outputs of {case} in {output_dir} ({exc.strerror or exc}); "
+            "check free disk space and write permission"
+        ) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return targets
+
+
+def _publish(staging: Path, names: dict[str, str], targets: dict[str, Path], overwrite: bool) -> None:
+    """Move the staged outputs into place; if that is cut short, take back the ones already moved."""
+    existing = [p for p in targets.values() if p.exists()]
+    if existing and not overwrite:
+        raise InputError(f"{existing[0]} appeared during the run; choose another --output-dir or pass --overwrite")
+    moved: list[Path] = []
+    try:
+        for key, name in names.items():
+            os.replace(staging / name, targets[key])
+            moved.append(targets[key])
+    except BaseException:
+        for path in moved:
+            path.unlink(missing_ok=True)
+        raise
 
 
 def run_record(bundle, inputs, settings, options, timings, device, result) -> dict:
