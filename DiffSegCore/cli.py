@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 import traceback
 from collections import defaultdict
 from pathlib import Path
@@ -89,8 +91,13 @@ def run_segment(args: argparse.Namespace) -> int:
 
     cases = collect_cases(args.inputs)
     progress = Progress(args.progress, len(cases))
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    if not args.output_dir.is_dir() or not _writable(args.output_dir):
+    try:
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(
+            f"cannot create output folder {args.output_dir} ({exc.strerror}); choose another --output-dir"
+        ) from None
+    if not _writable(args.output_dir):
         raise InputError(f"output folder {args.output_dir} is not writable; choose another --output-dir")
     bundle = load_model(args.model, args.device, progress)
     expected = len(bundle.meta["channels"])
@@ -141,15 +148,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _report_error(args: argparse.Namespace | None, message: str) -> None:
+    from tqdm import tqdm
+
     if args is not None and getattr(args, "progress", None) == "json":
         print(json.dumps({"stage": "error", "message": message}), flush=True)
-    print(f"error: {message}", file=sys.stderr)
+    tqdm.write(f"error: {message}", file=sys.stderr)  # on its own line even while a progress bar is drawn
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Slicer's Cancel sends SIGTERM: handle it like Ctrl-C so temporary files are removed.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
     try:
         return args.func(args)
     except DiffSegError as exc:
@@ -160,6 +176,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _report_error(args, "interrupted; no outputs were written for the unfinished case")
         return 130
+    except Exception as exc:
+        if args.debug:
+            traceback.print_exc()
+        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+        _report_error(args, f"unexpected {type(exc).__name__}: {first_line}; rerun with --debug and report it")
+        return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
