@@ -1,0 +1,49 @@
+"""The panel's contract: every widget DiffSeg.py uses from Resources/UI/DiffSeg.ui, with its class.
+
+The module checks this list when it loads the .ui, and Testing/ui checks the .ui file against it.
+"""
+
+WIDGET_CLASSES = {
+    "inputsCollapsibleButton": "ctkCollapsibleButton",
+    "inputVolumeSelector": "qMRMLNodeComboBox",
+    "channel2Label": "QLabel",
+    "channel2Selector": "qMRMLNodeComboBox",
+    "channel3Label": "QLabel",
+    "channel3Selector": "qMRMLNodeComboBox",
+    "modelSelector": "QComboBox",
+    "modelInfoLabel": "QLabel",
+    "stepsSpinBox": "QSpinBox",
+    "ensembleSpinBox": "QSpinBox",
+    "samplerComboBox": "QComboBox",
+    "presegComboBox": "QComboBox",
+    "presegSegmentationLabel": "QLabel",
+    "presegSegmentationSelector": "qMRMLNodeComboBox",
+    "presegStepLabel": "QLabel",
+    "presegStepSpinBox": "QSpinBox",
+    "deviceComboBox": "QComboBox",
+    "seedSpinBox": "QSpinBox",
+    "outputSegmentationSelector": "qMRMLNodeComboBox",
+    "outputUncertaintySelector": "qMRMLNodeComboBox",
+    "saveMembersCheckBox": "QCheckBox",
+    "applyButton": "QPushButton",
+    "progressBar": "QProgressBar",
+    "statusLabel": "QLabel",
+}
+
+# Widgets bound to parameter-node fields through connectGui (dynamic property SlicerParameterName).
+PARAMETER_WIDGETS = {
+    "inputVolume": "inputVolumeSelector",
+    "channel2Volume": "channel2Selector",
+    "channel3Volume": "channel3Selector",
+    "steps": "stepsSpinBox",
+    "ensembleSize": "ensembleSpinBox",
+    "sampler": "samplerComboBox",
+    "preseg": "presegComboBox",
+    "presegSegmentation": "presegSegmentationSelector",
+    "presegStep": "presegStepSpinBox",
+    "device": "deviceComboBox",
+    "seed": "seedSpinBox",
+    "outputSegmentation": "outputSegmentationSelector",
+    "outputUncertainty": "outputUncertaintySelector",
+    "saveMembers": "saveMembersCheckBox",
+}
