@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import SimpleITK as sitk
+import slicer
+import vtk
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "DiffSegExtension"))
+
+from DiffSegLib import scene as bridge  # noqa: E402
 
 HIPPOCAMPUS = Path("/work/shared/data/hippocampus")
 CASE = HIPPOCAMPUS / "imagesTr" / "hippocampus_001.nii.gz"
@@ -24,6 +31,8 @@ CLASSES = [
     },
     {"value": 2, "name": "Posterior hippocampus", "color": [0.2, 0.5, 0.95]},
 ]
+
+SEED = 7
 
 
 @pytest.fixture(scope="session")
@@ -74,3 +83,57 @@ def scene(standalone):
 def volume(standalone):
     """The first hippocampus case loaded by Slicer's own volumes logic."""
     return standalone.load_volume(CASE, "hippocampus_001")
+
+
+@pytest.fixture(scope="session")
+def cli_outputs(tiny_bundle, tmp_path_factory):
+    """What `diffseg segment` writes for the same input, model and seed."""
+    out = tmp_path_factory.mktemp("cli")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "DiffSegCore",
+            "segment",
+            str(CASE),
+            "--model",
+            str(tiny_bundle),
+            "--steps",
+            "2",
+            "--ensemble",
+            "2",
+            "--sampler",
+            "ddim",
+            "--device",
+            "cpu",
+            "--seed",
+            str(SEED),
+            "--output-dir",
+            str(out),
+            "--progress",
+            "none",
+        ],
+        check=True,
+    )
+    name = "hippocampus_001"
+    return {
+        "labels": sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{name}_seg.nii.gz"))),
+        "uncertainty": sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{name}_uncertainty.nii.gz"))),
+    }
+
+
+def labelmap_of(segmentation_node, reference) -> np.ndarray:
+    """Label map (class values) exported from the segmentation on the reference grid."""
+    scene = segmentation_node.GetScene()
+    labels = np.zeros(tuple(reversed(reference.GetImageData().GetDimensions())), np.uint8)
+    export = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    segmentation = segmentation_node.GetSegmentation()
+    for cls in CLASSES:
+        ids = vtk.vtkStringArray()
+        ids.InsertNextValue(segmentation.GetSegmentIdBySegmentName(cls["name"]))
+        assert slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+            segmentation_node, ids, export, reference
+        )
+        labels[bridge.array_from_volume(export) > 0] = cls["value"]
+    scene.RemoveNode(export)
+    return labels

@@ -12,67 +12,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import slicer
-import vtk
-from conftest import CASE, CLASSES
+from conftest import CASE, CLASSES, SEED, labelmap_of
 from DiffSegLib import scene as bridge
 from DiffSegLib.logic import ATTRIBUTE_PREFIX, SegmentationLogic
 
-SEED = 7
 SETTINGS = {"steps": 2, "ensembleSize": 2, "sampler": "ddim", "device": "cpu", "seed": SEED}
-
-
-@pytest.fixture(scope="module")
-def cli_outputs(tiny_bundle, tmp_path_factory):
-    """What `diffseg segment` writes for the same input, model and seed."""
-    out = tmp_path_factory.mktemp("cli")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "DiffSegCore",
-            "segment",
-            str(CASE),
-            "--model",
-            str(tiny_bundle),
-            "--steps",
-            "2",
-            "--ensemble",
-            "2",
-            "--sampler",
-            "ddim",
-            "--device",
-            "cpu",
-            "--seed",
-            str(SEED),
-            "--output-dir",
-            str(out),
-            "--progress",
-            "none",
-        ],
-        check=True,
-    )
-    name = "hippocampus_001"
-    return {
-        "labels": sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{name}_seg.nii.gz"))),
-        "uncertainty": sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{name}_uncertainty.nii.gz"))),
-    }
-
-
-def labelmap_of(segmentation_node, reference) -> np.ndarray:
-    """Label map (class values) exported from the segmentation on the reference grid."""
-    scene = segmentation_node.GetScene()
-    labels = np.zeros(tuple(reversed(reference.GetImageData().GetDimensions())), np.uint8)
-    export = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
-    segmentation = segmentation_node.GetSegmentation()
-    for cls in CLASSES:
-        ids = vtk.vtkStringArray()
-        ids.InsertNextValue(segmentation.GetSegmentIdBySegmentName(cls["name"]))
-        assert slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
-            segmentation_node, ids, export, reference
-        )
-        labels[bridge.array_from_volume(export) > 0] = cls["value"]
-    scene.RemoveNode(export)
-    return labels
 
 
 def test_process_matches_cli(scene, volume, tiny_bundle, cli_outputs, tmp_path):
