@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import itertools
 import math
 import os
 import re
@@ -54,47 +55,58 @@ def _itk_reason(exc: RuntimeError) -> str:
     return reason[:160] or "unknown reason"
 
 
-def _stored(path: Path) -> tuple[bytes, int]:
-    """The header bytes and byte count of a file once decompressed; a cut-short gzip stream raises InputError."""
-    if not path.name.lower().endswith(".gz"):
-        with open(path, "rb") as stream:
-            return stream.read(NIFTI2_HEADER), path.stat().st_size
-    try:
-        with gzip.open(path) as stream:
-            head = stream.read(NIFTI2_HEADER)
-            return head, len(head) + sum(len(chunk) for chunk in iter(lambda: stream.read(1 << 20), b""))
-    except (EOFError, OSError, zlib.error) as exc:
-        raise InputError(f"{path} is truncated or corrupt ({exc}); copy or export the file again") from None
-
-
-def _nifti_dims(head: bytes) -> list[int] | None:
-    """Axis sizes as the NIfTI-1/2 header stores them (ITK reports a zero size as 1)."""
+def _nifti_header(head: bytes) -> tuple[str, list[int], int, int, int] | None:
+    """(byte order, axis sizes, datatype, bitpix, vox_offset) from raw NIfTI-1/2 header bytes, else None."""
     for order in "<>":
-        if len(head) >= 56 and struct.unpack(f"{order}i", head[:4])[0] == 348:
+        if len(head) >= 348 and struct.unpack(f"{order}i", head[:4])[0] == 348:
             dims = struct.unpack(f"{order}8h", head[40:56])
-        elif len(head) >= 80 and struct.unpack(f"{order}i", head[:4])[0] == NIFTI2_HEADER:
+            datatype, bitpix = struct.unpack(f"{order}2h", head[70:74])
+            offset = struct.unpack(f"{order}f", head[108:112])[0]
+        elif len(head) >= NIFTI2_HEADER and struct.unpack(f"{order}i", head[:4])[0] == NIFTI2_HEADER:
+            datatype, bitpix = struct.unpack(f"{order}2h", head[12:16])
             dims = struct.unpack(f"{order}8q", head[16:80])
+            offset = struct.unpack(f"{order}q", head[168:176])[0]
         else:
             continue
-        return list(dims[1 : 1 + min(max(dims[0], 0), 7)])
+        return order, list(dims[1 : 1 + min(max(dims[0], 0), 7)]), datatype, bitpix, int(offset)
     return None
 
 
-def check_complete(path: Path, reader: sitk.ImageFileReader) -> None:
-    """Refuse a cut-short or empty NIfTI file.
+def check_nifti(path: Path) -> None:
+    """Refuse a NIfTI file that is cut short, has a zero-sized axis, or holds NaN/Inf voxels.
 
-    Hand-written because ITK's NIfTI reader fills missing voxels with zeros and reads a zero-sized
-    axis as size 1 instead of failing (other formats fail on their own).
+    Hand-written because ITK's NIfTI reader does not fail on any of these: it fills missing voxels
+    with zeros, reads a zero size as 1 and turns NaN/Inf into 0 (other formats fail on their own).
     """
-    head, stored = _stored(path)
-    dims = _nifti_dims(head) if path.name.lower().endswith((".nii", ".nii.gz")) else None
-    if dims is None or not reader.HasMetaDataKey("vox_offset"):
+    if not path.name.lower().endswith((".nii", ".nii.gz")):
         return
-    if 0 in dims:
-        raise InputError(f"{path} is empty (size {' x '.join(map(str, dims))}); pass a non-empty volume")
-    expected = int(float(reader.GetMetaData("vox_offset"))) + math.prod(dims) * int(reader.GetMetaData("bitpix")) // 8
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as stream:
+            head = stream.read(NIFTI2_HEADER)
+            header = _nifti_header(head)
+            if header is None:
+                return
+            order, dims, datatype, bitpix, offset = header
+            if 0 in dims:
+                raise InputError(f"{path} is empty (size {' x '.join(map(str, dims))}); pass a non-empty volume")
+            floats = np.dtype(f"{order}f{bitpix // 8}") if datatype in (16, 64) else None  # float32, float64
+            stored, pending, finite = len(head), head[offset:], True
+            stored += len(stream.read(max(offset - len(head), 0)))  # header extensions beyond the first bytes
+            for chunk in itertools.chain(iter(lambda: stream.read(1 << 20), b""), [b""]):
+                stored += len(chunk)
+                if floats is not None:
+                    pending += chunk
+                    usable = len(pending) // floats.itemsize * floats.itemsize
+                    finite = finite and bool(np.isfinite(np.frombuffer(pending[:usable], floats)).all())
+                    pending = pending[usable:]
+    except (EOFError, OSError, zlib.error) as exc:
+        raise InputError(f"{path} is truncated or corrupt ({exc}); copy or export the file again") from None
+    expected = offset + math.prod(dims) * bitpix // 8
     if stored < expected:
         raise InputError(f"{path} is truncated ({stored} of {expected} bytes); copy or export the file again")
+    if not finite:
+        raise InputError(f"{path} contains NaN or infinite voxels; fix or mask them before segmenting")
 
 
 def read_image(path: str | Path) -> sitk.Image:
@@ -108,7 +120,7 @@ def read_image(path: str | Path) -> sitk.Image:
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))
         reader.ReadImageInformation()
-        check_complete(path, reader)
+        check_nifti(path)
         return reader.Execute()
     except RuntimeError as exc:
         reason = _itk_reason(exc)
@@ -193,7 +205,7 @@ def _check_written(path: Path) -> None:
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     reader.ReadImageInformation()
-    check_complete(path, reader)
+    check_nifti(path)
     with open(path, "rb+") as stream:
         os.fsync(stream.fileno())
 
