@@ -116,24 +116,9 @@ def test_failed_run_leaves_no_stray_nodes_or_files(scene, volume, tmp_path):
     assert diffseg_temp_dirs() == temps
 
 
-def test_existing_segmentation_is_replaced_only_when_asked(scene, volume, tiny_bundle, cli_outputs):
-    existing = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "mine")
-    existing.GetSegmentation().AddEmptySegment("drawn", "drawn by hand")
-    with pytest.raises(ValueError, match="already holds 1 segments"):
-        SegmentationLogic(scene).process(volume, str(tiny_bundle), outputSegmentationNode=existing, **SETTINGS)
-    assert existing.GetSegmentation().GetSegment("drawn") is not None
-
-    segmentation, _ = SegmentationLogic(scene).process(
-        volume, str(tiny_bundle), outputSegmentationNode=existing, overwrite=True, **SETTINGS
-    )
-    assert segmentation is existing
-    assert existing.GetSegmentation().GetSegment("drawn") is None
-    assert np.array_equal(labelmap_of(existing, volume), cli_outputs["labels"])
-    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
-
-
-def test_members_and_presegmentation_from_a_segmentation_node(scene, volume, tiny_bundle, tmp_path):
-    """A drawn segmentation starts the sampling (PD-DDPM) exactly as a label file does on the CLI."""
+def test_presegmentation_members_and_overwrite(scene, volume, tiny_bundle, tmp_path):
+    """A drawn segmentation starts the sampling (PD-DDPM) exactly as a label file does on the CLI;
+    member segmentations come back too, and an existing segmentation is replaced only when asked."""
     truth_file = Path(str(CASE).replace("imagesTr", "labelsTr"))
     drawn = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "truth")
     bridge.read_volume_into(drawn, truth_file, volume)
@@ -144,8 +129,15 @@ def test_members_and_presegmentation_from_a_segmentation_node(scene, volume, tin
     truth = sitk.GetArrayFromImage(sitk.ReadImage(str(truth_file)))
     assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(exported))), truth)
 
+    existing = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "mine")
+    existing.GetSegmentation().AddEmptySegment("drawn", "drawn by hand")
     logic = SegmentationLogic(scene)
-    segmentation, _ = logic.process(volume, str(tiny_bundle), preseg=preseg, presegStep=1, saveMembers=True, **SETTINGS)
+    settings = {"preseg": preseg, "presegStep": 1, "saveMembers": True, "outputSegmentationNode": existing, **SETTINGS}
+    with pytest.raises(ValueError, match="already holds 1 segments"):
+        logic.process(volume, str(tiny_bundle), **settings)
+    assert existing.GetSegmentation().GetSegment("drawn") is not None
+    segmentation, _ = logic.process(volume, str(tiny_bundle), overwrite=True, **settings)
+    assert segmentation is existing and existing.GetSegmentation().GetSegment("drawn") is None
     out = tmp_path / "cli"
     cli = [sys.executable, "-m", "DiffSegCore", "segment", str(CASE), "--model", str(tiny_bundle), "--steps", "2"]
     cli += ["--ensemble", "2", "--device", "cpu", "--seed", str(SEED), "--output-dir", str(out), "--progress", "none"]
