@@ -118,13 +118,15 @@ class Plan:
     device: torch.device
     batch: int
     window: tuple[int, ...] | None
+    # The model's window clipped to the volume; None where a window would hold the whole volume (no saving).
+    smaller_window: tuple[int, ...] | None = None
 
     def fallback(self) -> Plan | None:
         """The next, smaller plan after running out of memory (fewer members, window, CPU)."""
         if self.batch > 1:
             return replace(self, batch=self.batch // 2)
-        if self.window is None:
-            return replace(self, window=DEFAULT_WINDOW)
+        if self.window is None and self.smaller_window is not None:
+            return replace(self, window=self.smaller_window)
         if self.device.type == "cuda":
             return replace(self, device=torch.device("cpu"))
         return None
@@ -151,7 +153,7 @@ def make_plan(bundle: ModelBundle, shape: tuple[int, ...], settings: SegmentSett
                 f"{budget / 2**20:.0f} MiB{capped}; close other programs or use a machine with more memory"
             )
     batch = settings.members_per_batch or max(1, min(members, int(budget // per_member)))
-    return Plan(device, batch, window_shape if use_window else None)
+    return Plan(device, batch, window_shape if use_window else None, window_shape if window_shape != shape else None)
 
 
 def _autocast(device: torch.device):
