@@ -162,6 +162,8 @@ def segment_case(
             f"cannot write the outputs of {case} in {output_dir} ({exc.strerror or exc}); "
             "check free disk space and write permission"
         ) from None
+    except RuntimeFault as exc:  # name the output the user asked for, not its staged copy
+        raise RuntimeFault(str(exc).replace(str(staging), str(output_dir))) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return targets
