@@ -1,0 +1,84 @@
+"""Training checkpoints in safetensors (never pickles), written atomically.
+
+A checkpoint holds the network, the optional EMA copy and the optimizer state as tensors, and the
+rest (step, optimizer hyper-parameters, loss history, best validation score) as JSON metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import InputError
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{index}.{name}"] = value
+            else:
+                scalars[f"{index}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = value
+    for key, value in meta["scalars"].items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: dict[str, torch.Tensor],
+    optimizer: dict,
+    info: dict,
+    ema: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Write network, EMA and optimizer state plus `info` (JSON-serialisable) to `path` atomically."""
+    path = Path(path)
+    tensors = {f"model.{k}": v for k, v in model.items()}
+    if ema is not None:
+        tensors.update({f"ema.{k}": v for k, v in ema.items()})
+    optim_tensors, optim_meta = _flatten_optimizer(optimizer)
+    tensors.update(optim_tensors)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    metadata = {"info": json.dumps(info), "optimizer": json.dumps(optim_meta)}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict, dict, dict, dict | None]:
+    """(model state, optimizer state, info, EMA state or None) from a checkpoint file."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"no checkpoint at {path} to resume from; start without --resume")
+    groups: dict[str, dict[str, torch.Tensor]] = {"model": {}, "ema": {}, "optim": {}}
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata()
+            for key in handle.keys():
+                group, rest = key.split(".", 1)
+                groups[group][rest if group != "optim" else key] = handle.get_tensor(key)
+    except Exception as exc:
+        raise InputError(f"checkpoint {path} is unreadable ({exc}); resume from an earlier run folder") from None
+    optimizer = _unflatten_optimizer(groups["optim"], json.loads(metadata["optimizer"]))
+    return groups["model"], optimizer, json.loads(metadata["info"]), groups["ema"] or None

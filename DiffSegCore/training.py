@@ -1,0 +1,377 @@
+"""The training loop for the diffusion network and the plain pre-segmentation U-Net.
+
+Runs in one process or under torchrun (DistributedDataParallel: NCCL on GPUs, gloo on CPU). All
+randomness is derived from (seed, step, rank), and the learning rate from the step, so a run
+resumed from a checkpoint ends exactly where an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from monai.metrics import compute_dice
+from safetensors.torch import load_file, save_file
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .cache import CachedCase
+from .checkpoints import load_checkpoint, save_checkpoint
+from .errors import InputError
+from .networks import build_network
+from .objectives import diffusion_loss, segmentation_loss
+from .samples import TrainingSamples, coordinates
+from .sampling import member_generators, sample, start_noise
+from .schedules import respace, training_schedule
+
+CHECKPOINT = "checkpoint.safetensors"
+BEST = "best.safetensors"
+CONFIG = "config.json"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a training run (saved as config.json in the run folder)."""
+
+    kind: str = "diffusion"
+    prediction: str = "x0"
+    recycling: bool = True
+    train_steps: int = 5
+    base_steps: int = 1001
+    schedule: str = "linear"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    widths: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
+    res_blocks: int = 1
+    skip: str = "add"
+    time_dim: int = 64
+    coords: bool = False
+    size: list[int] | None = None
+    centre_bias: float = 0.25
+    batch: int = 2
+    iterations: int = 1000
+    lr: float = 1e-3
+    warmup: int = 100
+    weight_decay: float = 1e-4
+    clip: float = 1.0
+    ema: float = 0.0
+    eps_weight: float = 0.1
+    augment: bool = True
+    affine_prob: float = 0.5
+    val_every: int = 200
+    val_steps: int = 5
+    checkpoint_every: int = 100
+    seed: int = 0
+    workers: int = 0
+    device: str = "auto"
+    amp: bool = True
+
+    @classmethod
+    def from_json(cls, data: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def check(self) -> None:
+        if self.kind not in ("diffusion", "unet"):
+            raise InputError(f"unknown --kind '{self.kind}'; use diffusion or unet")
+        if self.prediction not in ("x0", "eps"):
+            raise InputError(f"unknown --prediction '{self.prediction}'; use x0 or eps")
+        if self.iterations < 1 or self.batch < 1 or self.train_steps < 1:
+            raise InputError("--iterations, --batch and --train-steps must be at least 1")
+
+    def network_config(self, image_channels: int, num_classes: int) -> dict:
+        return {
+            "kind": self.kind,
+            "image_channels": image_channels,
+            "num_classes": num_classes,
+            "coords": self.coords,
+            "widths": list(self.widths),
+            "res_blocks": self.res_blocks,
+            "skip": self.skip,
+            "time_dim": self.time_dim,
+        }
+
+    def diffusion_config(self) -> dict:
+        return {
+            "schedule": self.schedule,
+            "base_steps": self.base_steps,
+            "beta_start": self.beta_start,
+            "beta_end": self.beta_end,
+            "train_steps": self.train_steps,
+            "prediction": self.prediction,
+            "recycling": self.recycling,
+        }
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str) -> Distributed:
+    """Join the torchrun process group when launched by torchrun, else a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    if world == 1:
+        return Distributed(device=torch.device("cuda" if use_cuda else "cpu"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Distributed(dist.get_rank(), world, torch.device(f"cuda:{local}" if use_cuda else "cpu"))
+
+
+def learning_rate(step: int, config: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to zero; a function of the step so resuming needs no state."""
+    if step < config.warmup:
+        return config.lr * (step + 1) / config.warmup
+    progress = (step - config.warmup) / max(1, config.iterations - config.warmup)
+    return config.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
+    state = int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+    return torch.Generator(device=device).manual_seed(state)
+
+
+def training_size(cases: list[CachedCase], multiple: int) -> list[int]:
+    """Whole-volume training: the largest case shape rounded up to the network's multiple."""
+    shapes = np.array([case.load()[1].shape for case in cases])
+    return [int(math.ceil(n / multiple) * multiple) for n in shapes.max(axis=0)]
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def predict_labels(network, image: torch.Tensor, config: TrainConfig, seed: int = 0) -> torch.Tensor:
+    """A fast, one-member prediction for validation: (C, z, y, x) image -> (z, y, x) labels."""
+    device = next(network.parameters()).device
+    cond = image
+    if config.coords:
+        cond = torch.cat([image, coordinates(tuple(image.shape[1:]))])
+    cond = cond[None].to(device)
+    with _autocast(device, config.amp):
+        if config.kind == "unet":
+            return network(cond).float()[0].argmax(0).cpu()
+        schedule = training_schedule(config.diffusion_config())
+        schedule = respace(schedule, min(config.val_steps, len(schedule)))
+        generators = member_generators(seed, 0, 1)
+        x = start_noise((1, network.num_classes, *cond.shape[2:]), generators, cond)
+
+        def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return network(torch.cat([cond, x_t.to(cond.dtype)], dim=1), t).float()
+
+        probs = sample(denoise, schedule, x, prediction=config.prediction, sampler="ddim", generators=generators)
+    return probs[0].argmax(0).cpu()
+
+
+def dice_per_class(labels: torch.Tensor, truth: torch.Tensor, num_classes: int) -> list[float]:
+    """Foreground Dice per class (NaN where a class is absent from both) with MONAI's metric."""
+    one_hot = [torch.nn.functional.one_hot(x.long(), num_classes).movedim(-1, 0)[None] for x in (labels, truth)]
+    scores = compute_dice(one_hot[0], one_hot[1], include_background=False, ignore_empty=False)
+    return [float(v) for v in scores[0]]
+
+
+def validate(network, cases: list[CachedCase], config: TrainConfig, num_classes: int) -> dict:
+    network.eval()
+    per_case = {}
+    for case in cases:
+        image, label = case.load()
+        labels = predict_labels(network, torch.from_numpy(image), config)
+        per_case[case.name] = dice_per_class(labels, torch.from_numpy(label.astype(np.int64)), num_classes)
+    network.train()
+    scores = np.array(list(per_case.values()))
+    return {"mean_dice": float(np.nanmean(scores)), "dice_per_class": np.nanmean(scores, axis=0).tolist()}
+
+
+def save_curve(path: Path, history: dict) -> None:
+    """Training loss (and its running mean) and validation Dice over steps, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, losses = np.array(history["step"]), np.array(history["loss"])
+    if len(steps) == 0:
+        return
+    fig, loss_axis = plt.subplots(figsize=(7, 4))
+    loss_axis.plot(steps, losses, color="0.75", linewidth=0.6, label="loss")
+    window = max(1, len(losses) // 50)
+    smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+    loss_axis.plot(steps[window - 1 :], smooth, color="C0", label=f"loss (mean of {window})")
+    loss_axis.set_xlabel("step")
+    loss_axis.set_ylabel("training loss")
+    if history["val_step"]:
+        dice_axis = loss_axis.twinx()
+        dice_axis.plot(history["val_step"], history["val_dice"], "o-", color="C1", label="validation Dice")
+        dice_axis.set_ylabel("validation mean foreground Dice")
+        dice_axis.set_ylim(0, 1)
+    fig.legend(loc="upper center", ncol=3, fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _save_best(path: Path, weights: dict[str, torch.Tensor], info: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp, metadata={"info": json.dumps(info)})
+    os.replace(tmp, path)
+
+
+def read_best(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The best weights of a finished run and the run's config."""
+    best = run_dir / BEST
+    if not best.exists():
+        raise InputError(f"{run_dir} holds no {BEST}; train it first (it is written at the first validation)")
+    return load_file(best), json.loads((run_dir / CONFIG).read_text())
+
+
+@dataclass
+class RunState:
+    step: int = 0
+    best: float = -1.0
+    best_step: int = -1
+    history: dict = field(default_factory=lambda: {"step": [], "loss": [], "val_step": [], "val_dice": []})
+
+
+def train(
+    run_dir: str | Path,
+    train_cases: list[CachedCase],
+    val_cases: list[CachedCase],
+    config: TrainConfig,
+    num_classes: int,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+) -> RunState:
+    """Train until config.iterations; checkpoints, best weights and the curve go to run_dir."""
+    config.check()
+    run_dir = Path(run_dir)
+    ddp = setup_distributed(config.device)
+    torch.manual_seed(config.seed)  # identical initial weights on every rank
+    image_channels = train_cases[0].load()[0].shape[0]
+    network = build_network(config.network_config(image_channels, num_classes)).to(ddp.device)
+    if config.size is None:
+        config.size = training_size(train_cases, network.multiple)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    ema = AveragedModel(network, multi_avg_fn=get_ema_multi_avg_fn(config.ema)) if config.ema > 0 else None
+    state = RunState()
+    if resume:
+        model_state, optim_state, info, ema_state = load_checkpoint(run_dir / CHECKPOINT)
+        network.load_state_dict(model_state)
+        optimizer.load_state_dict(optim_state)
+        if ema is not None and ema_state is not None:
+            ema.load_state_dict(ema_state)
+        state = RunState(**info["state"])
+        if ddp.main:
+            log(f"resumed {run_dir} at step {state.step} of {config.iterations}")
+    if ddp.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / CONFIG).write_text(json.dumps(asdict(config), indent=2) + "\n")
+    model = network
+    if ddp.world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            network, device_ids=[ddp.device.index] if ddp.device.index is not None else None
+        )
+    schedule = training_schedule(config.diffusion_config())
+    samples = TrainingSamples(
+        train_cases,
+        tuple(config.size),
+        config.seed,
+        config.augment,
+        config.coords,
+        config.centre_bias,
+        config.affine_prob,
+    )
+    order = [
+        (step * ddp.world + ddp.rank) * config.batch + i
+        for step in range(state.step, config.iterations)
+        for i in range(config.batch)
+    ]
+    loader = DataLoader(samples, batch_size=config.batch, sampler=order, num_workers=config.workers)
+    bar = tqdm(
+        total=config.iterations,
+        initial=state.step,
+        disable=not ddp.main,
+        mininterval=1.0 if sys.stderr.isatty() else 30.0,
+        desc=f"train {config.kind}",
+    )
+    network.train()
+    started = time.monotonic()
+    for step, (image, label) in zip(range(state.step, config.iterations), loader):
+        image, label = image.to(ddp.device, non_blocking=True), label.to(ddp.device, non_blocking=True)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, config)
+        generator = step_generator(config.seed, step, ddp.rank, ddp.device)
+        with _autocast(ddp.device, config.amp):
+            if config.kind == "unet":
+                loss = segmentation_loss(model(image), label)
+            else:
+                loss = diffusion_loss(
+                    model, image, label, schedule, config.prediction, config.recycling, generator, config.eps_weight
+                )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(network.parameters(), config.clip)
+        optimizer.step()
+        if ema is not None:
+            ema.update_parameters(network)
+        state.step = step + 1
+        value = float(loss.detach())
+        state.history["step"].append(state.step)
+        state.history["loss"].append(value)
+        bar.set_postfix(loss=f"{value:.4f}", best=f"{state.best:.3f}")
+        bar.update(1)
+        last = state.step == config.iterations
+        if ddp.main and (state.step % config.val_every == 0 or last):
+            evaluated = ema.module if ema is not None else network
+            scores = validate(evaluated, val_cases, config, num_classes) if val_cases else {"mean_dice": float("nan")}
+            state.history["val_step"].append(state.step)
+            state.history["val_dice"].append(scores["mean_dice"])
+            if not val_cases or scores["mean_dice"] > state.best:
+                state.best, state.best_step = scores["mean_dice"], state.step
+                _save_best(run_dir / BEST, evaluated.state_dict(), {"step": state.step, **scores})
+            elapsed = time.monotonic() - started
+            log(
+                f"step {state.step}: loss {value:.4f}, validation Dice {scores['mean_dice']:.4f} "
+                f"(per class {[round(v, 4) for v in scores.get('dice_per_class', [])]}), best {state.best:.4f} "
+                f"at {state.best_step}, {elapsed:.0f} s"
+            )
+            save_curve(run_dir / "training_curve.png", state.history)
+        if ddp.main and (state.step % config.checkpoint_every == 0 or state.step % config.val_every == 0 or last):
+            save_checkpoint(
+                run_dir / CHECKPOINT,
+                network.state_dict(),
+                optimizer.state_dict(),
+                {"state": asdict(state)},
+                ema.state_dict() if ema is not None else None,
+            )
+    bar.close()
+    if ddp.world > 1:
+        dist.barrier()
+    return state
