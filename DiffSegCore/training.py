@@ -268,8 +268,10 @@ def train(
     num_classes: int,
     resume: bool = False,
     log: Callable[[str], None] = print,
-) -> RunState:
-    """Train until config.iterations; checkpoints, best weights and the curve go to run_dir."""
+    stop_after: int | None = None,
+) -> tuple[RunState, torch.nn.Module]:
+    """Train until config.iterations (or, for time-sliced runs, stop after `stop_after` more steps);
+    checkpoints, best weights and the curve go to run_dir. Returns the state and the network."""
     config.check()
     run_dir = Path(run_dir)
     ddp = setup_distributed(config.device)
@@ -308,10 +310,9 @@ def train(
         config.centre_bias,
         config.affine_prob,
     )
+    end = config.iterations if stop_after is None else min(config.iterations, state.step + stop_after)
     order = [
-        (step * ddp.world + ddp.rank) * config.batch + i
-        for step in range(state.step, config.iterations)
-        for i in range(config.batch)
+        (step * ddp.world + ddp.rank) * config.batch + i for step in range(state.step, end) for i in range(config.batch)
     ]
     loader = DataLoader(samples, batch_size=config.batch, sampler=order, num_workers=config.workers)
     bar = tqdm(
@@ -323,7 +324,7 @@ def train(
     )
     network.train()
     started = time.monotonic()
-    for step, (image, label) in zip(range(state.step, config.iterations), loader):
+    for step, (image, label) in zip(range(state.step, end), loader):
         image, label = image.to(ddp.device, non_blocking=True), label.to(ddp.device, non_blocking=True)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, config)
@@ -363,7 +364,8 @@ def train(
                 f"at {state.best_step}, {elapsed:.0f} s"
             )
             save_curve(run_dir / "training_curve.png", state.history)
-        if ddp.main and (state.step % config.checkpoint_every == 0 or state.step % config.val_every == 0 or last):
+        stopping = state.step == end
+        if ddp.main and (state.step % config.checkpoint_every == 0 or state.step % config.val_every == 0 or stopping):
             save_checkpoint(
                 run_dir / CHECKPOINT,
                 network.state_dict(),
@@ -374,4 +376,4 @@ def train(
     bar.close()
     if ddp.world > 1:
         dist.barrier()
-    return state
+    return state, network

@@ -1,0 +1,192 @@
+"""Measure a model on labelled cases: Dice and HD95 per class, time per case, uncertainty AUROC."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.metrics import compute_dice, compute_hausdorff_distance, compute_roc_auc
+
+from .errors import InputError, ModelError
+from .volumes import case_name, is_volume_file
+
+NEAR_STRUCTURE_MM = 3.0  # AUROC region: union of truth and prediction, dilated by this much
+
+
+def _one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    return F.one_hot(labels.long(), num_classes).movedim(-1, 0)[None].float()
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None
+
+
+def _near_structures(truth: np.ndarray, labels: np.ndarray, spacing_zyx: tuple[float, ...]) -> torch.Tensor:
+    """Foreground of truth or prediction, dilated by NEAR_STRUCTURE_MM (max-pooling is a binary dilation
+    with a box; MONAI has no plain binary dilation)."""
+    union = torch.from_numpy((truth > 0) | (labels > 0)).float()[None, None]
+    radius = [max(1, round(NEAR_STRUCTURE_MM / s)) for s in spacing_zyx]
+    padded = F.pad(union, [r for r in reversed(radius) for _ in (0, 1)])
+    dilated = F.max_pool3d(padded, [2 * r + 1 for r in radius], stride=1)
+    return dilated[0, 0] > 0
+
+
+def case_metrics(labels: np.ndarray, truth: np.ndarray, uncertainty: np.ndarray, num_classes: int, spacing_zyx) -> dict:
+    """Per-class Dice and HD95 (mm), and the AUROC of uncertainty for errors near the structures."""
+    pred_t, truth_t = torch.from_numpy(labels), torch.from_numpy(truth)
+    pred_1h, truth_1h = _one_hot(pred_t, num_classes), _one_hot(truth_t, num_classes)
+    dice = compute_dice(pred_1h, truth_1h, include_background=False, ignore_empty=False)[0]
+    hd95 = compute_hausdorff_distance(
+        pred_1h, truth_1h, include_background=False, percentile=95, spacing=list(spacing_zyx)
+    )[0]
+    region = _near_structures(truth, labels, spacing_zyx)
+    errors = (pred_t != truth_t)[region].float()
+    auroc = None
+    if 0 < float(errors.sum()) < errors.numel():
+        auroc = float(compute_roc_auc(torch.from_numpy(uncertainty)[region].float(), errors))
+    return {
+        "dice": [float(v) for v in dice],
+        "hd95_mm": [_finite(float(v)) for v in hd95],
+        "uncertainty_auroc": auroc,
+        "error_voxels_near_structures": int(errors.sum()),
+    }
+
+
+def _label_files(folder: Path) -> dict[str, Path]:
+    if not folder.is_dir():
+        raise InputError(f"label folder not found: {folder}")
+    return {case_name(p): p for p in sorted(folder.iterdir()) if is_volume_file(p) and not p.name.startswith(".")}
+
+
+def _mean(values: list) -> float | None:
+    kept = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.mean(kept)) if kept else None
+
+
+def evaluate(args, only: set[str] | None = None) -> dict:
+    """Segment every labelled case with the model and the sampler options in `args`."""
+    import SimpleITK as sitk
+
+    from .cli import collect_cases, load_model
+    from .inference import SegmentSettings, predict_volume
+    from .preprocess import prepare_image, resample_like
+    from .progress import Progress
+    from .volumes import from_array, read_channels, read_volume, to_array
+
+    bundle = load_model(args.model, args.device, Progress("none"))
+    settings = SegmentSettings(
+        steps=args.steps,
+        ensemble=args.ensemble,
+        sampler=args.sampler,
+        eta=args.eta,
+        preseg=args.preseg,
+        preseg_step=args.preseg_step,
+        seed=args.seed,
+        device=args.device,
+    ).with_defaults(bundle.meta)
+    cases = collect_cases([args.images])
+    labels = _label_files(Path(args.labels))
+    names = sorted(n for n in cases if only is None or n in only)
+    missing = [n for n in names if n not in labels]
+    if missing:
+        raise InputError(f"no label file for {len(missing)} case(s) ({', '.join(missing[:3])}) in {args.labels}")
+    if only is not None and not names:
+        raise InputError(f"none of the requested cases is in {args.images}")
+    num_classes = bundle.num_classes
+    rows = []
+    for name in names:
+        images = read_channels(cases[name])
+        image, grid = prepare_image(images, bundle.meta)
+        started = time.perf_counter()
+        result = predict_volume(bundle, image, settings)
+        seconds = time.perf_counter() - started
+        reference = images[0]
+        pred = resample_like(from_array(result.labels.numpy().astype(np.uint8), grid), reference, True)
+        unc = resample_like(from_array(result.variance.numpy().astype(np.float32), grid), reference, False)
+        truth = np.rint(to_array(read_volume(labels[name]))).astype(np.int64)
+        if truth.shape != tuple(reversed(reference.GetSize())):
+            raise InputError(f"case {name}: the label grid differs from the image grid")
+        spacing_zyx = tuple(reversed(reference.GetSpacing()))
+        metrics = case_metrics(
+            sitk.GetArrayFromImage(pred).astype(np.int64), truth, sitk.GetArrayFromImage(unc), num_classes, spacing_zyx
+        )
+        rows.append({"case": name, **metrics, "seconds": seconds})
+        print(f"{name}: Dice {[round(v, 3) for v in metrics['dice']]} in {seconds:.1f} s", flush=True)
+    classes = [c["name"] for c in bundle.meta["classes"]]
+    per_class_dice = [_mean([r["dice"][k] for r in rows]) for k in range(len(classes))]
+    return {
+        "model": bundle.meta["id"],
+        "version": bundle.meta.get("version"),
+        "classes": classes,
+        "settings": {k: getattr(settings, k) for k in ("steps", "ensemble", "sampler", "eta", "preseg", "preseg_step")}
+        | {"seed": settings.seed},
+        "device": str(next(bundle.network.parameters()).device),
+        "cases": rows,
+        "mean": {
+            "cases": len(rows),
+            "mean_foreground_dice": _mean(per_class_dice),
+            "dice": per_class_dice,
+            "hd95_mm": [_mean([r["hd95_mm"][k] for r in rows]) for k in range(len(classes))],
+            "uncertainty_auroc": _mean([r["uncertainty_auroc"] for r in rows]),
+            "seconds_per_case": _mean([r["seconds"] for r in rows]),
+        },
+    }
+
+
+def _cell(value, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _row(label: str, values: dict) -> list[str]:
+    return [
+        label,
+        *map(_cell, values["dice"]),
+        *(_cell(v, 2) for v in values["hd95_mm"]),
+        _cell(values["uncertainty_auroc"]),
+        _cell(values.get("seconds", values.get("seconds_per_case")), 1),
+    ]
+
+
+def format_table(report: dict) -> str:
+    """Per-case rows and the mean, as a plain-text table."""
+    classes = report["classes"]
+    header = ["case", *[f"Dice {c}" for c in classes], *[f"HD95 {c} (mm)" for c in classes], "AUROC", "s"]
+    lines = [_row(r["case"], r) for r in report["cases"]]
+    mean = report["mean"]
+    lines.append(_row("mean", mean))
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    out += ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
+    out.append(f"mean foreground Dice {_cell(mean['mean_foreground_dice'], 4)} over {mean['cases']} case(s)")
+    return "\n".join(out)
+
+
+def record_metrics(bundle_path: Path, report: dict) -> None:
+    """Store the mean results (and the command that measured them) in a bundle folder's model.json."""
+    model_file = bundle_path / "model.json"
+    if not model_file.is_file():
+        raise ModelError(f"--record needs a bundle folder with model.json; {bundle_path} is not one")
+    meta = json.loads(model_file.read_text())
+    mean = report["mean"]
+    meta["metrics"] = {
+        "validation": {
+            "cases": mean["cases"],
+            "settings": report["settings"],
+            "mean_foreground_dice": mean["mean_foreground_dice"],
+            "dice": dict(zip(report["classes"], mean["dice"])),
+            "hd95_mm": dict(zip(report["classes"], mean["hd95_mm"])),
+            "uncertainty_auroc": mean["uncertainty_auroc"],
+            "seconds_per_case": mean["seconds_per_case"],
+            "device": report["device"],
+            "command": report["command"],
+        }
+    }
+    tmp = model_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, model_file)

@@ -1,0 +1,94 @@
+"""Pack a training run (and optionally a pre-segmentation run) into a model bundle."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .bundle import save_bundle
+from .errors import InputError
+from .training import TrainConfig, read_best
+
+DATA_FILE = "data.json"
+WEIGHT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+DEFAULT_COLOURS = [[0.9, 0.35, 0.2], [0.2, 0.55, 0.9], [0.3, 0.8, 0.35], [0.9, 0.8, 0.2], [0.7, 0.3, 0.8]]
+
+
+def default_card(data: dict) -> dict:
+    """Descriptive metadata when no model card is given: names from the dataset, plain colours."""
+    labels = data.get("labels") or {str(v): f"class {v}" for v in range(1, data["num_classes"])}
+    classes = [
+        {"value": int(v), "name": name, "color": DEFAULT_COLOURS[(int(v) - 1) % len(DEFAULT_COLOURS)]}
+        for v, name in sorted(labels.items(), key=lambda item: int(item[0]))
+    ]
+    name = Path(data["source"]).name or "model"
+    return {
+        "id": f"{name.lower()}-diffusion",
+        "version": "0.1.0",
+        "title": f"Diffusion segmentation trained on {name}",
+        "description": f"Trained with `diffseg train` on {data['source']}.",
+        "license": "unknown: set it from the training data's licence",
+        "modality": "unknown",
+        "classes": classes,
+    }
+
+
+def _weights(run_dir: Path, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], TrainConfig, dict]:
+    weights, config = read_best(run_dir)
+    # Floating weights may be stored in half precision to keep bundles small; loading casts them back.
+    weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
+    data = json.loads((run_dir / DATA_FILE).read_text())
+    return weights, TrainConfig.from_json(config), data
+
+
+def export_bundle(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    card: dict | None = None,
+    preseg_run: str | Path | None = None,
+    weights_dtype: str = "float32",
+    command: str | None = None,
+) -> Path:
+    """Write a bundle from a diffusion run's best weights (+ a unet run's as pre-segmentation)."""
+    run_dir = Path(run_dir)
+    dtype = WEIGHT_DTYPES[weights_dtype]
+    weights, config, data = _weights(run_dir, dtype)
+    if config.kind != "diffusion":
+        raise InputError(f"{run_dir} trained a '{config.kind}' network; a bundle needs a diffusion run")
+    card = card or default_card(data)
+    num_classes = len(card["classes"]) + 1
+    if num_classes != data["num_classes"]:
+        raise InputError(
+            f"the model card lists {num_classes - 1} classes but the run trained {data['num_classes'] - 1}"
+        )
+    preseg_weights, preseg_config = None, None
+    if preseg_run is not None:
+        preseg_weights, unet, unet_data = _weights(Path(preseg_run), dtype)
+        if unet.kind != "unet" or unet_data["num_classes"] != num_classes:
+            raise InputError(f"{preseg_run} is not a unet run with {num_classes} classes; train it with --kind unet")
+        preseg_config = unet.network_config(data["image_channels"], num_classes)
+    meta = {
+        **card,
+        "channels": [
+            {"name": name, "normalisation": norm} for name, norm in zip(data["channel_names"], data["spec"]["channels"])
+        ],
+        "spacing": data["spec"]["spacing"],
+        "network": config.network_config(data["image_channels"], num_classes),
+        "preseg_network": preseg_config,
+        "diffusion": config.diffusion_config(),
+        "training": {
+            **card.get("training", {}),
+            "data": card.get("training", {}).get("data", data["source"]),
+            "split": data.get("split"),
+            "iterations": config.iterations,
+            "batch": config.batch,
+            "patch_size": config.size,
+            "config": asdict(config),
+            **({"command": command} if command else {}),
+        },
+    }
+    return save_bundle(out_dir, meta, weights, preseg_weights)

@@ -1,0 +1,255 @@
+"""`diffseg train` and `diffseg evaluate`: argument parsing and the run-folder bookkeeping."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from .errors import InputError
+
+SPLIT_FILE = "split.json"
+CASES_FILE = "cases.json"
+
+
+def _command_line() -> str:
+    return "diffseg " + shlex.join(sys.argv[1:])
+
+
+def _add_train_parser(subparsers) -> None:
+    from .training import TrainConfig
+
+    d = TrainConfig()
+    p = subparsers.add_parser("train", help="train a diffusion model (or the pre-segmentation U-Net) and bundle it")
+    p.add_argument("--data", help="MSD/nnU-Net dataset folder, or a JSON/CSV list of image/label pairs")
+    p.add_argument("--output", required=True, help="run folder (checkpoints, split, curve, bundle)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+    p.add_argument("--kind", choices=["diffusion", "unet"], default=d.kind, help="unet: the pre-segmentation network")
+    p.add_argument("--card", help="model card JSON (id, version, title, description, license, modality, classes)")
+    g = p.add_argument_group("data")
+    g.add_argument("--validation-fraction", type=float, default=0.2)
+    g.add_argument("--split-seed", type=int, default=0)
+    g.add_argument("--split", help="reuse a split.json (e.g. of the diffusion run when training its unet)")
+    g.add_argument("--normalisation", default="percentile_zscore", help="percentile_zscore | zscore | window_zscore")
+    g.add_argument("--window", type=float, nargs=2, metavar=("LOW", "HIGH"), help="CT window for window_zscore")
+    g.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"), help="resample to this spacing (mm)")
+    g.add_argument("--cache", default="runs/cache", help="preprocessing cache folder")
+    g.add_argument("--refuse-bad-cases", action="store_true", help="stop if any case is unusable (default: skip it)")
+    g = p.add_argument_group("model")
+    g.add_argument("--prediction", choices=["x0", "eps"], default=d.prediction)
+    g.add_argument("--no-recycling", dest="recycling", action="store_false")
+    g.add_argument("--train-steps", type=int, default=d.train_steps, help="diffusion steps T in training (5, 1000)")
+    g.add_argument("--base-steps", type=int, default=d.base_steps, help="steps of the base schedule (noise levels)")
+    g.add_argument("--schedule", choices=["linear", "cosine"], default=d.schedule)
+    g.add_argument("--widths", type=int, nargs="+", default=d.widths)
+    g.add_argument("--res-blocks", type=int, default=d.res_blocks)
+    g.add_argument("--skip", choices=["add", "average", "concat"], default=d.skip)
+    g.add_argument("--coords", action="store_true", help="add global coordinate channels (patch training)")
+    g.add_argument("--patch-size", type=int, nargs=3, metavar=("Z", "Y", "X"), help="default: whole volumes")
+    g.add_argument("--centre-bias", type=float, default=d.centre_bias, help="patch centre spread (fraction of room)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--iterations", type=int, help=f"default {d.iterations}; with --resume, extends the run")
+    g.add_argument("--batch", type=int, default=d.batch)
+    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--warmup", type=int, default=d.warmup)
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--clip", type=float, default=d.clip)
+    g.add_argument("--ema", type=float, default=d.ema, help="EMA decay (0: off)")
+    g.add_argument("--no-augment", dest="augment", action="store_false")
+    g.add_argument("--affine-prob", type=float, default=d.affine_prob)
+    g.add_argument("--val-every", type=int, default=d.val_every)
+    g.add_argument("--val-steps", type=int, default=d.val_steps)
+    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--workers", type=int, default=d.workers, help="data loader processes")
+    g.add_argument("--threads", type=int, default=1, help="CPU threads (1 is fastest on a shared CPU)")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d.device)
+    g.add_argument("--no-amp", dest="amp", action="store_false", help="no bf16 autocast on GPU")
+    g = p.add_argument_group("bundle")
+    g.add_argument("--bundle", help="bundle folder to write (default: OUTPUT/bundle)")
+    g.add_argument("--preseg-run", help="a finished --kind unet run to pack as pre-segmentation network")
+    g.add_argument("--weights-dtype", choices=["float32", "float16"], default="float32")
+    p.set_defaults(func=run_train)
+
+
+def _config(args):
+    from .training import TrainConfig
+
+    return TrainConfig(
+        kind=args.kind,
+        prediction=args.prediction,
+        recycling=args.recycling,
+        train_steps=args.train_steps,
+        base_steps=args.base_steps,
+        schedule=args.schedule,
+        widths=args.widths,
+        res_blocks=args.res_blocks,
+        skip=args.skip,
+        coords=args.coords,
+        size=args.patch_size,
+        centre_bias=args.centre_bias,
+        batch=args.batch,
+        iterations=args.iterations or TrainConfig.iterations,
+        lr=args.lr,
+        warmup=args.warmup,
+        weight_decay=args.weight_decay,
+        clip=args.clip,
+        ema=args.ema,
+        augment=args.augment,
+        affine_prob=args.affine_prob,
+        val_every=args.val_every,
+        val_steps=args.val_steps,
+        checkpoint_every=args.checkpoint_every,
+        seed=args.seed,
+        workers=args.workers,
+        device=args.device,
+        amp=args.amp,
+    )
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _spec(args, channel_count: int) -> dict:
+    normalisation = {"kind": args.normalisation}
+    if args.normalisation == "window_zscore":
+        if not args.window:
+            raise InputError("--normalisation window_zscore needs --window LOW HIGH")
+        normalisation["window"] = list(args.window)
+    return {"channels": [normalisation] * channel_count, "spacing": list(args.spacing) if args.spacing else None}
+
+
+def prepare_run(args, run_dir: Path, card: dict | None) -> dict:
+    """Find, check, split and cache the data; write split.json, cases.json and data.json."""
+    from .cache import build_cache, write_index
+    from .datasets import find_cases, split_cases, usable_cases
+
+    if not args.data:
+        raise InputError("--data is needed for a new run (only --resume reads the data from the run folder)")
+    dataset = find_cases(args.data)
+    cases = usable_cases(dataset.cases, "refuse" if args.refuse_bad_cases else "skip")
+    channels = cases[0].channels
+    if any(c.channels != channels for c in cases):
+        raise InputError("cases have different numbers of channels; every case needs the same channels")
+    spec = _spec(args, channels)
+    if args.split:
+        split = json.loads(Path(args.split).read_text())
+    else:
+        split = split_cases([c.name for c in cases], args.validation_fraction, args.split_seed)
+    known = {c.name for c in cases}
+    split = {**split, "train": [n for n in split["train"] if n in known]}
+    split["validation"] = [n for n in split["validation"] if n in known]
+    model_spec = {"channels": [{"normalisation": n} for n in spec["channels"]], "spacing": spec["spacing"]}
+    cached = build_cache(cases, model_spec, args.cache)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(run_dir / SPLIT_FILE, split)
+    write_index(run_dir / CASES_FILE, cached)
+    labels = {str(c["value"]): c["name"] for c in card["classes"]} if card else dataset.labels
+    num_classes = max(int(v) for v in labels) + 1 if labels else 1 + max(int(c.load()[1].max()) for c in cached)
+    names = [c.get("name") for c in card["channels"]] if card and card.get("channels") else dataset.channel_names
+    data = {
+        "source": str(Path(args.data).resolve()),
+        "channel_names": (names or [f"channel {i}" for i in range(channels)])[:channels],
+        "spec": spec,
+        "image_channels": channels,
+        "num_classes": num_classes,
+        "labels": {str(k): v for k, v in labels.items()},
+        "split": {
+            "seed": split.get("seed"),
+            "validation_fraction": split.get("validation_fraction"),
+            "train_cases": len(split["train"]),
+            "validation": split["validation"],
+        },
+    }
+    _write_json(run_dir / "data.json", data)
+    return data
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from .cache import read_index
+    from .export import export_bundle
+    from .training import CONFIG, TrainConfig, train
+
+    torch.set_num_threads(args.threads)
+    run_dir = Path(args.output)
+    card = json.loads(Path(args.card).read_text()) if args.card else None
+    if args.resume:
+        if not (run_dir / CONFIG).exists():
+            raise InputError(f"{run_dir} holds no run to resume; start it without --resume")
+        config = TrainConfig.from_json(json.loads((run_dir / CONFIG).read_text()))
+        config.iterations = args.iterations or config.iterations
+        data = json.loads((run_dir / "data.json").read_text())
+    else:
+        if (run_dir / CONFIG).exists():
+            raise InputError(f"{run_dir} already holds a run; pass --resume to continue it or choose a new --output")
+        config = _config(args)
+        data = prepare_run(args, run_dir, card)
+    split = json.loads((run_dir / SPLIT_FILE).read_text())
+    cached = {c.name: c for c in read_index(run_dir / CASES_FILE)}
+    train_cases = [cached[n] for n in split["train"]]
+    val_cases = [cached[n] for n in split["validation"]]
+    if not train_cases:
+        raise InputError("the split leaves no training cases; lower --validation-fraction")
+    state, _ = train(run_dir, train_cases, val_cases, config, data["num_classes"], resume=args.resume)
+    print(f"finished {state.step} iterations; best validation Dice {state.best:.4f} at step {state.best_step}")
+    if config.kind == "diffusion" and int(os.environ.get("RANK", "0")) == 0:
+        bundle = Path(args.bundle) if args.bundle else run_dir / "bundle"
+        export_bundle(run_dir, bundle, card, args.preseg_run, args.weights_dtype, _command_line())
+        print(f"bundle written to {bundle}")
+    return 0
+
+
+def _add_evaluate_parser(subparsers) -> None:
+    p = subparsers.add_parser("evaluate", help="Dice, HD95, time and uncertainty quality of a model on labelled cases")
+    p.add_argument("--model", required=True, help="bundle path or registry id")
+    p.add_argument("--images", required=True, help="folder of images (nnU-Net `_0000` channels grouped by case)")
+    p.add_argument("--labels", required=True, help="folder of label files named like the cases")
+    p.add_argument("--split", help="a run's split.json: evaluate its validation cases only")
+    p.add_argument("--cases", nargs="+", help="evaluate only these case names")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--ensemble", type=int)
+    p.add_argument("--sampler", choices=["ddpm", "ddim"])
+    p.add_argument("--eta", type=float)
+    p.add_argument("--preseg", choices=["none", "model"])
+    p.add_argument("--preseg-step", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("--json", dest="json_out", help="write per-case and mean results to this JSON file")
+    p.add_argument("--record", action="store_true", help="store the mean results in the bundle's model.json")
+    p.set_defaults(func=run_evaluate)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate, format_table, record_metrics
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    only = set(args.cases or [])
+    if args.split:
+        only |= set(json.loads(Path(args.split).read_text())["validation"])
+    report = evaluate(args, only or None)
+    report["command"] = _command_line()
+    print(format_table(report))
+    if args.json_out:
+        _write_json(Path(args.json_out), report)
+    if args.record:
+        record_metrics(Path(args.model), report)
+        print(f"metrics recorded in {Path(args.model) / 'model.json'}")
+    return 0
+
+
+def add_training_parsers(subparsers) -> None:
+    """Register `diffseg train` and `diffseg evaluate` on the main parser's subparsers."""
+    _add_train_parser(subparsers)
+    _add_evaluate_parser(subparsers)

@@ -1,0 +1,120 @@
+"""A real few-step training on 4 hippocampus cases, the bundle it writes, and segmenting with it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from safetensors.torch import load_file
+
+from DiffSegCore.bundle import load_bundle, validate_bundle
+from DiffSegCore.errors import InputError
+from Testing.core.training_helpers import CARD, FAST, copy_cases, run_training_command
+
+
+@pytest.fixture(scope="module")
+def trained(hippocampus_dir, tmp_path_factory):
+    """A unet run and a diffusion run (3 steps each) packed into one bundle."""
+    root = tmp_path_factory.mktemp("training")
+    data = copy_cases(hippocampus_dir, root / "data")
+    common = ["--data", data, "--cache", root / "cache", "--validation-fraction", "0.25", "--iterations", "3"]
+    common += ["--val-every", "3", "--val-steps", "2", *FAST]
+    assert run_training_command("train", "--kind", "unet", "--output", root / "unet", *common) == 0
+    code = run_training_command(
+        "train", "--output", root / "diffusion", "--card", CARD, "--preseg-run", root / "unet", *common
+    )
+    assert code == 0
+    return root
+
+
+def test_run_folder_holds_split_checkpoint_curve_and_bundle(trained):
+    run = trained / "diffusion"
+    split = json.loads((run / "split.json").read_text())
+    assert len(split["train"]) == 3 and len(split["validation"]) == 1
+    assert not set(split["train"]) & set(split["validation"])
+    for name in ("checkpoint.safetensors", "best.safetensors", "training_curve.png", "config.json", "cases.json"):
+        assert (run / name).is_file(), name
+    assert (run / "training_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    meta = validate_bundle(run / "bundle")
+    assert meta["id"] == "hippocampus-recycling-x0"
+    assert meta["diffusion"]["prediction"] == "x0" and meta["diffusion"]["recycling"] is True
+    assert meta["preseg_network"]["kind"] == "unet"
+    assert meta["training"]["iterations"] == 3 and meta["training"]["split"]["validation"] == split["validation"]
+    assert [c["name"] for c in meta["classes"]] == ["Anterior hippocampus", "Posterior hippocampus"]
+    assert meta["channels"][0]["normalisation"] == {"kind": "percentile_zscore"}
+
+
+def test_training_changed_the_weights_and_bundle_holds_the_best(trained):
+    run = trained / "diffusion"
+    bundle = load_bundle(run / "bundle")
+    best = load_file(run / "best.safetensors")
+    for key, value in bundle.network.state_dict().items():
+        assert torch.equal(value, best[key]), key
+    torch.manual_seed(0)  # the run's initial weights come from the training seed
+    from DiffSegCore.networks import build_network
+
+    initial = build_network(bundle.network.config).state_dict()
+    assert any(not torch.equal(initial[k], v) for k, v in best.items())
+
+
+def test_second_run_reuses_the_preprocessing_cache(trained, hippocampus_dir, capsys):
+    before = sorted(p.name for p in (trained / "cache").iterdir())
+    data = trained / "data"
+    code = run_training_command(
+        "train",
+        "--kind",
+        "unet",
+        "--data",
+        data,
+        "--cache",
+        trained / "cache",
+        "--output",
+        trained / "again",
+        "--iterations",
+        "1",
+        "--val-every",
+        "1",
+        "--validation-fraction",
+        "0.25",
+        *FAST,
+    )
+    assert code == 0
+    assert "0 case(s) prepared, 4 reused" in capsys.readouterr().out
+    assert sorted(p.name for p in (trained / "cache").iterdir()) == before
+
+
+def test_segment_with_the_trained_bundle(trained, cli, hippocampus_dir):
+    image = hippocampus_dir / "imagesTr" / "hippocampus_001.nii.gz"
+    out = trained / "segmented"
+    result = cli(
+        "segment",
+        image,
+        "--model",
+        trained / "diffusion" / "bundle",
+        "--steps",
+        "2",
+        "--ensemble",
+        "2",
+        "--device",
+        "cpu",
+        "--output-dir",
+        out,
+    )
+    assert result.code == 0, result.err
+    seg = sitk.ReadImage(str(out / "hippocampus_001_seg.nii.gz"))
+    assert seg.GetSize() == sitk.ReadImage(str(image)).GetSize()
+    assert set(np.unique(sitk.GetArrayFromImage(seg))) <= {0, 1, 2}
+    assert (out / "hippocampus_001_uncertainty.nii.gz").is_file()
+
+
+def test_existing_run_is_not_overwritten(trained):
+    with pytest.raises(InputError, match="already holds a run"):
+        run_training_command("train", "--data", trained / "data", "--output", trained / "diffusion", *FAST)
+
+
+def test_resume_needs_a_run(tmp_path):
+    with pytest.raises(InputError, match="no run to resume"):
+        run_training_command("train", "--output", tmp_path / "nothing", "--resume", *FAST)
