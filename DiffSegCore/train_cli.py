@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import shlex
-import sys
 from pathlib import Path
 
 from .errors import InputError
@@ -15,8 +14,18 @@ SPLIT_FILE = "split.json"
 CASES_FILE = "cases.json"
 
 
-def _command_line() -> str:
-    return "diffseg " + shlex.join(sys.argv[1:])
+def _command_line(args: argparse.Namespace) -> str:
+    """The command that reproduces these arguments (options left at their default are omitted)."""
+    parts = ["diffseg", args.command]
+    for action in args.parser._actions:  # argparse keeps no public list of a parser's options
+        value = getattr(args, action.dest, None)
+        if not action.option_strings or action.dest == "help" or value == action.default:
+            continue
+        if action.nargs == 0:
+            parts.append(action.option_strings[0])
+        else:
+            parts += [action.option_strings[0], *map(str, value if isinstance(value, list) else [value])]
+    return shlex.join(parts)
 
 
 def _add_train_parser(subparsers) -> None:
@@ -72,7 +81,7 @@ def _add_train_parser(subparsers) -> None:
     g.add_argument("--bundle", help="bundle folder to write (default: OUTPUT/bundle)")
     g.add_argument("--preseg-run", help="a finished --kind unet run to pack as pre-segmentation network")
     g.add_argument("--weights-dtype", choices=["float32", "float16"], default="float32")
-    p.set_defaults(func=run_train)
+    p.set_defaults(func=run_train, parser=p)
 
 
 def _config(args):
@@ -202,7 +211,7 @@ def run_train(args: argparse.Namespace) -> int:
     print(f"finished {state.step} iterations; best validation Dice {state.best:.4f} at step {state.best_step}")
     if config.kind == "diffusion" and int(os.environ.get("RANK", "0")) == 0:
         bundle = Path(args.bundle) if args.bundle else run_dir / "bundle"
-        export_bundle(run_dir, bundle, card, args.preseg_run, args.weights_dtype, _command_line())
+        export_bundle(run_dir, bundle, card, args.preseg_run, args.weights_dtype, _command_line(args))
         print(f"bundle written to {bundle}")
     return 0
 
@@ -225,7 +234,7 @@ def _add_evaluate_parser(subparsers) -> None:
     p.add_argument("--threads", type=int, help="CPU threads for torch")
     p.add_argument("--json", dest="json_out", help="write per-case and mean results to this JSON file")
     p.add_argument("--record", action="store_true", help="store the mean results in the bundle's model.json")
-    p.set_defaults(func=run_evaluate)
+    p.set_defaults(func=run_evaluate, parser=p)
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -239,7 +248,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.split:
         only |= set(json.loads(Path(args.split).read_text())["validation"])
     report = evaluate(args, only or None)
-    report["command"] = _command_line()
+    report["command"] = _command_line(args)
     print(format_table(report))
     if args.json_out:
         _write_json(Path(args.json_out), report)

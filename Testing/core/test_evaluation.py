@@ -1,0 +1,98 @@
+"""`diffseg evaluate`: metrics on known geometry, and a real run on hippocampus cases."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from DiffSegCore.errors import InputError
+from DiffSegCore.evaluation import case_metrics
+from Testing.core.training_helpers import CASES, copy_cases, run_training_command
+
+
+def _cube(shape=(20, 20, 20), start=5, size=8, value=1) -> np.ndarray:
+    labels = np.zeros(shape, np.int64)
+    labels[start : start + size, start : start + size, start : start + size] = value
+    return labels
+
+
+def test_perfect_prediction():
+    truth = _cube() + _cube(start=14, size=4, value=2) * (_cube() == 0)
+    metrics = case_metrics(truth, truth, np.zeros(truth.shape, np.float32), 3, (1.0, 1.0, 1.0))
+    assert metrics["dice"] == [1.0, 1.0]
+    assert metrics["hd95_mm"] == [0.0, 0.0]
+    assert metrics["uncertainty_auroc"] is None  # no errors to detect
+
+
+def test_shift_gives_hd95_in_millimetres_and_dice_from_overlap():
+    truth, pred = _cube(), _cube(start=7)
+    metrics = case_metrics(pred, truth, np.zeros(truth.shape, np.float32), 2, (1.0, 1.0, 1.0))
+    assert metrics["dice"][0] == pytest.approx(2 * 6**3 / (2 * 8**3))
+    coarse = case_metrics(pred, truth, np.zeros(truth.shape, np.float32), 2, (3.0, 3.0, 3.0))
+    assert coarse["hd95_mm"][0] == pytest.approx(3 * metrics["hd95_mm"][0])
+
+
+def test_uncertainty_auroc_ranks_errors_near_the_structures():
+    truth, pred = _cube(), _cube(start=6)
+    errors = (truth != pred).astype(np.float32)
+    assert case_metrics(pred, truth, errors, 2, (1.0,) * 3)["uncertainty_auroc"] == pytest.approx(1.0)
+    assert case_metrics(pred, truth, 1 - errors, 2, (1.0,) * 3)["uncertainty_auroc"] == pytest.approx(0.0)
+    noise = np.random.default_rng(0).random(truth.shape).astype(np.float32)
+    assert 0.4 < case_metrics(pred, truth, noise, 2, (1.0,) * 3)["uncertainty_auroc"] < 0.6
+
+
+@pytest.fixture(scope="module")
+def dataset(hippocampus_dir, tmp_path_factory):
+    return copy_cases(hippocampus_dir, tmp_path_factory.mktemp("eval") / "data", CASES[:2])
+
+
+def test_evaluate_command_reports_table_json_and_records_metrics(dataset, tiny_bundle, tmp_path, capsys):
+    bundle = shutil.copytree(tiny_bundle, tmp_path / "bundle")
+    out = tmp_path / "report.json"
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": [CASES[0]], "validation": [CASES[1]]}))
+    code = run_training_command(
+        "evaluate",
+        "--model",
+        bundle,
+        "--images",
+        dataset / "imagesTr",
+        "--labels",
+        dataset / "labelsTr",
+        "--split",
+        split,
+        "--steps",
+        "2",
+        "--ensemble",
+        "2",
+        "--device",
+        "cpu",
+        "--json",
+        out,
+        "--record",
+    )
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "Dice Anterior hippocampus" in table and "mean foreground Dice" in table
+    report = json.loads(out.read_text())
+    assert [r["case"] for r in report["cases"]] == [CASES[1]]
+    assert report["settings"]["steps"] == 2 and report["settings"]["ensemble"] == 2
+    row = report["cases"][0]
+    assert len(row["dice"]) == 2 and all(0 <= d <= 1 for d in row["dice"]) and row["seconds"] > 0
+    assert report["mean"]["mean_foreground_dice"] == pytest.approx(np.mean(row["dice"]))
+    recorded = json.loads((bundle / "model.json").read_text())["metrics"]["validation"]
+    assert recorded["mean_foreground_dice"] == report["mean"]["mean_foreground_dice"]
+    assert recorded["command"].startswith("diffseg evaluate")
+
+
+def test_evaluate_refuses_cases_without_labels(dataset, tiny_bundle, tmp_path):
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    shutil.copy(dataset / "labelsTr" / f"{CASES[0]}.nii.gz", labels)
+    with pytest.raises(InputError, match="no label file"):
+        run_training_command(
+            "evaluate", "--model", tiny_bundle, "--images", dataset / "imagesTr", "--labels", labels, "--device", "cpu"
+        )
