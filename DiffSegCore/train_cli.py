@@ -176,6 +176,7 @@ def prepare_run(args, run_dir: Path, card: dict | None) -> dict:
             "validation": split["validation"],
         },
     }
+    data["command"] = _command_line(args)
     _write_json(run_dir / "data.json", data)
     return data
 
@@ -211,7 +212,8 @@ def run_train(args: argparse.Namespace) -> int:
     print(f"finished {state.step} iterations; best validation Dice {state.best:.4f} at step {state.best_step}")
     if config.kind == "diffusion" and int(os.environ.get("RANK", "0")) == 0:
         bundle = Path(args.bundle) if args.bundle else run_dir / "bundle"
-        export_bundle(run_dir, bundle, card, args.preseg_run, args.weights_dtype, _command_line(args))
+        # The command that started the run, not a later --resume, is what reproduces the model.
+        export_bundle(run_dir, bundle, card, args.preseg_run, args.weights_dtype, data.get("command"))
         print(f"bundle written to {bundle}")
     return 0
 
