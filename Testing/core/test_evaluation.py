@@ -85,7 +85,9 @@ def test_evaluate_command_reports_table_json_and_records_metrics(dataset, tiny_b
     assert report["mean"]["mean_foreground_dice"] == pytest.approx(np.mean(row["dice"]))
     recorded = json.loads((bundle / "model.json").read_text())["metrics"]["validation"]
     assert recorded["mean_foreground_dice"] == report["mean"]["mean_foreground_dice"]
-    assert recorded["command"].startswith("diffseg evaluate")
+    assert recorded["command"].startswith("diffseg evaluate") and "--ensemble 2" in recorded["command"]
+    expected = json.loads((bundle / "model.json").read_text())["expected_seconds"]
+    assert expected["cpu"] == round(report["mean"]["seconds_per_case"], 1)
 
 
 def test_evaluate_refuses_cases_without_labels(dataset, tiny_bundle, tmp_path):
