@@ -65,7 +65,7 @@ def export_bundle(
         raise InputError(
             f"the model card lists {num_classes - 1} classes but the run trained {data['num_classes'] - 1}"
         )
-    preseg_weights, preseg_config = None, None
+    preseg_weights, preseg_config, unet_data = None, None, {}
     if preseg_run is not None:
         preseg_weights, unet, unet_data = _weights(Path(preseg_run), dtype)
         if unet.kind != "unet" or unet_data["num_classes"] != num_classes:
@@ -89,6 +89,7 @@ def export_bundle(
             "patch_size": config.size,
             "config": asdict(config),
             **({"command": command} if command else {}),
+            **({"preseg_command": unet_data.get("command")} if preseg_run is not None else {}),
         },
     }
     return save_bundle(out_dir, meta, weights, preseg_weights)
