@@ -110,6 +110,48 @@ def test_segment_with_the_trained_bundle(trained, cli, hippocampus_dir):
     assert (out / "hippocampus_001_uncertainty.nii.gz").is_file()
 
 
+def test_packed_presegmentation_network_drives_pd_ddpm_sampling(trained, cli, hippocampus_dir):
+    image = hippocampus_dir / "imagesTr" / "hippocampus_003.nii.gz"
+    out = trained / "preseg"
+    result = cli(
+        "segment",
+        image,
+        "--model",
+        trained / "diffusion" / "bundle",
+        "--preseg",
+        "model",
+        "--preseg-step",
+        "2",
+        "--steps",
+        "2",
+        "--ensemble",
+        "1",
+        "--device",
+        "cpu",
+        "--output-dir",
+        out,
+    )
+    assert result.code == 0, result.err
+    assert (out / "hippocampus_003_seg.nii.gz").is_file()
+
+
+def test_half_precision_export_loads_back_as_float32(trained):
+    from DiffSegCore.export import export_bundle
+
+    run = trained / "diffusion"
+    half = export_bundle(run, trained / "half", None, trained / "unet", "float16")
+    full = load_bundle(run / "bundle")
+    loaded = load_bundle(half)
+    assert (half / "diffusion.safetensors").stat().st_size < 0.6 * (
+        run / "bundle" / "diffusion.safetensors"
+    ).stat().st_size
+    for key, value in full.network.state_dict().items():
+        other = loaded.network.state_dict()[key]
+        assert other.dtype == value.dtype
+        torch.testing.assert_close(other, value, atol=2e-3, rtol=2e-3)
+    assert loaded.meta["classes"][0]["name"] == "Anterior hippocampus"  # no card: the class names the run recorded
+
+
 def test_existing_run_is_not_overwritten(trained):
     with pytest.raises(InputError, match="already holds a run"):
         run_training_command("train", "--data", trained / "data", "--output", trained / "diffusion", *FAST)
