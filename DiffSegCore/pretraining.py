@@ -50,6 +50,7 @@ class PretrainConfig:
     weight_decay: float = 1e-4
     clip: float = 1.0
     augment: bool = True
+    affine_prob: float = 0.25
     seed: int = 0
 
     def network_config(self) -> dict:
@@ -88,7 +89,9 @@ def pretrain(
         config.size = training_size(cases, network.multiple)
     optimizer = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = training_schedule({"train_steps": config.train_steps, "base_steps": config.base_steps})
-    samples = TrainingSamples(cases, tuple(config.size), config.seed, config.augment, coords=True)
+    samples = TrainingSamples(
+        cases, tuple(config.size), config.seed, config.augment, coords=True, affine_prob=config.affine_prob
+    )
     order = [step * config.batch + i for step in range(config.iterations) for i in range(config.batch)]
     loader = DataLoader(samples, batch_size=config.batch, sampler=order)
     started, losses = time.monotonic(), []

@@ -32,7 +32,7 @@ from DiffSegCore.datasets import find_cases, split_cases  # noqa: E402
 from DiffSegCore.evaluation import case_metrics  # noqa: E402
 from DiffSegCore.inference import SegmentSettings, predict_volume  # noqa: E402
 from DiffSegCore.networks import build_network  # noqa: E402
-from DiffSegCore.training import TrainConfig, read_best, train, training_size  # noqa: E402
+from DiffSegCore.training import TrainConfig, read_best, train  # noqa: E402
 
 DATA = Path(os.environ.get("DIFFSEG_STUDY_DATA", "/work/shared/data/hippocampus"))
 BUNDLE = REPO / "Resources" / "Models" / "hippocampus"
@@ -48,18 +48,21 @@ PAPER_NOTE = "far below the papers' budgets (fu2023: 12,500 AdamW steps on a TPU
 class Budget:
     """The equal compute given to every trained arm, and how arms are scored."""
 
-    iterations: int = 300
+    iterations: int = 240
     batch: int = 2
     widths: list[int] = field(default_factory=lambda: [8, 16, 32, 64])
+    # The bundled model's recipe: centre-biased 32x48x32 crops (the volumes are about 36x50x35).
+    size: list[int] = field(default_factory=lambda: [32, 48, 32])
+    affine_prob: float = 0.25
     lr: float = 1e-3
-    eval_cases: int = 20
+    eval_cases: int = 16
     eval_members: int = 1
     eval_steps: int = 5
     threads: int = 1
 
     def describe(self) -> str:
         return (
-            f"{self.iterations} iterations of batch {self.batch} per arm, U-Net widths {self.widths}, "
+            f"{self.iterations} iterations of batch {self.batch} {self.size} crops per arm, U-Net widths {self.widths}, "
             f"AdamW lr {self.lr}, 1 CPU thread; scored on {self.eval_cases} validation cases "
             f"({self.eval_members} member(s), DDIM {self.eval_steps} steps)"
         )
@@ -88,7 +91,9 @@ def parser(description: str, **budget_defaults) -> argparse.ArgumentParser:
 def budget_from(args: argparse.Namespace, **overrides) -> Budget:
     budget = Budget(iterations=args.iterations, eval_cases=args.cases, threads=args.threads, **overrides)
     if args.smoke:
-        budget = Budget(iterations=4, widths=[8, 16], eval_cases=2, threads=args.threads, **overrides)
+        budget = Budget(
+            iterations=4, widths=[8, 16], size=[16, 24, 16], eval_cases=2, threads=args.threads, **overrides
+        )
     torch.set_num_threads(budget.threads)
     return budget
 
@@ -184,7 +189,8 @@ def train_arm(
         "device": "cpu",
         "workers": 0,
         "seed": 0,
-        "size": training_size(data.train, 2 ** (len(budget.widths) - 1)),
+        "size": budget.size,
+        "affine_prob": budget.affine_prob,
         **overrides,
     }
     key = cache_key({"s": settings, "cases": [c.name for c in cases], "pre": pretrained_key, "dice": dice_loss})

@@ -1,7 +1,7 @@
 """Study 5 (bieder2023): training on patches with and without coordinate channels vs. whole volumes.
 
-Patch arms see a third of the volume per sample (PatchDDM: an eighth) and are sampled on the whole
-volume, as PatchDDM does; every arm gets the same number of iterations.
+Patch arms see an eighth of the default crop per sample (as PatchDDM: 128^3 patches of 256^3) and
+are sampled on the whole volume, as PatchDDM does; every arm gets the same number of iterations.
 
     python benchmarks/study_patch_training.py [--iterations N] [--cases N] [--smoke]
 """
@@ -11,11 +11,11 @@ from __future__ import annotations
 from studies_common import STUDY_META, bar_plot, budget_from, load_data, parser, run_arms, write_arms
 
 STUDY = "study_patch_training"
-PATCH = [24, 32, 24]  # (z, y, x) voxels, of a 40 x 56 x 48 whole-volume training size
+PATCH = [16, 24, 16]  # (z, y, x) voxels: an eighth of the default 32x48x32 crop
 # bieder2023 Table 2 (BraTS, single sample; Dice, HD95 mm): FullRes vs. PatchDDM; patches without
 # coordinates "did not converge" (no numbers).
 ARMS = [
-    ("default", "whole volume (study 1 default arm)", {}, True, (0.82, 16.80)),
+    ("default", "32x48x32 crops, about the whole volume (study 1 default arm)", {}, True, (0.82, 16.80)),
     ("patch_coords", f"patches {PATCH} + coordinate channels", {"size": PATCH, "coords": True}, True, (0.88, 9.04)),
     ("patch_no_coords", f"patches {PATCH}, no coordinates", {"size": PATCH}, True, None),
 ]

@@ -26,7 +26,6 @@ from studies_common import (
 )
 
 from DiffSegCore.pretraining import PretrainConfig, load_pretrained, pretrain
-from DiffSegCore.training import training_size
 
 STUDY = "study_pretraining"
 LABEL_FRACTIONS = (0.1, 1.0)
@@ -36,10 +35,10 @@ def main() -> None:
     args = parser(__doc__).parse_args()
     budget = budget_from(args)
     data = load_data(STUDY_META, budget, args.smoke)
-    size = training_size(data.train, 2 ** (len(budget.widths) - 1))
     config = PretrainConfig(
         widths=budget.widths,
-        size=size,
+        size=budget.size,
+        affine_prob=budget.affine_prob,
         batch=budget.batch,
         iterations=budget.iterations,
         lr=budget.lr,
