@@ -48,7 +48,7 @@ PAPER_NOTE = "far below the papers' budgets (fu2023: 12,500 AdamW steps on a TPU
 class Budget:
     """The equal compute given to every trained arm, and how arms are scored."""
 
-    iterations: int = 240
+    iterations: int = 300
     batch: int = 2
     widths: list[int] = field(default_factory=lambda: [8, 16, 32, 64])
     # The bundled model's recipe: centre-biased 32x48x32 crops (the volumes are about 36x50x35).
