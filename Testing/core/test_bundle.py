@@ -68,7 +68,7 @@ def test_pickled_weights_are_refused_with_conversion_advice(tmp_path):
     (path / "diffusion.safetensors").unlink()
     (path / "preseg.safetensors").unlink()
     torch.save(state, path / "model.pt")
-    with pytest.raises(ModelError, match="pickled weights.*safetensors"):
+    with pytest.raises(ModelError, match=r"pickled weights.*safetensors"):
         validate_bundle(path)
 
 
@@ -76,9 +76,9 @@ def test_not_a_bundle(tmp_path):
     with pytest.raises(ModelError, match="not found"):
         load_bundle(tmp_path / "missing")
     (tmp_path / "junk.zip").write_bytes(b"no zip here")
-    with pytest.raises(ModelError, match="valid .zip"):
+    with pytest.raises(ModelError, match=r"valid \.zip"):
         load_bundle(tmp_path / "junk.zip")
     with zipfile.ZipFile(tmp_path / "empty.zip", "w") as archive:
         archive.writestr("readme.txt", "nothing")
-    with pytest.raises(ModelError, match="no model.json"):
+    with pytest.raises(ModelError, match=r"no model\.json"):
         load_bundle(tmp_path / "empty.zip")
