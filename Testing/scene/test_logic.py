@@ -74,12 +74,8 @@ def scene_snapshot(scene) -> list[str]:
     return [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())]
 
 
-def diffseg_temp_dirs() -> set:
-    return set(Path(tempfile.gettempdir()).glob("DiffSeg-*"))
-
-
 def test_background_run_reports_progress_and_cancel_leaves_scene_as_it_was(scene, volume, tiny_bundle):
-    before, temps = scene_snapshot(scene), diffseg_temp_dirs()
+    before = scene_snapshot(scene)
     progress, finished = [], []
     logic = SegmentationLogic(scene)
     run = logic.process(
@@ -98,22 +94,26 @@ def test_background_run_reports_progress_and_cancel_leaves_scene_as_it_was(scene
     while not any(message.startswith("Sampling") for _, message in progress):
         assert run.pump() and time.monotonic() < deadline
         time.sleep(0.05)
-    process = run.worker._process
+    process, workdir = run.worker._process, run.workdir
+    assert workdir.is_dir() and workdir.name.startswith("DiffSeg-")
     logic.cancel()
     assert run.state == "cancelled" and finished == [run]
     assert process.poll() is not None
     assert scene_snapshot(scene) == before
-    assert diffseg_temp_dirs() == temps
+    assert not workdir.exists()  # other tests run in parallel, so only this run's folder is checked
     fractions = [f for f, _ in progress]
     assert fractions == sorted(fractions) and 0 < fractions[-1] < 1
 
 
-def test_failed_run_leaves_no_stray_nodes_or_files(scene, volume, tmp_path):
-    before, temps = scene_snapshot(scene), diffseg_temp_dirs()
+def test_failed_run_leaves_no_stray_nodes_or_files(scene, volume, tmp_path, monkeypatch):
+    temp_root = tmp_path / "tmp"
+    temp_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp_root))  # this run's temporary folders only
+    before = scene_snapshot(scene)
     with pytest.raises(RuntimeError, match="model bundle not found"):
         SegmentationLogic(scene).process(volume, str(tmp_path / "missing"), steps=1, ensembleSize=1, device="cpu")
     assert scene_snapshot(scene) == before
-    assert diffseg_temp_dirs() == temps
+    assert list(temp_root.iterdir()) == []
 
 
 def test_presegmentation_members_and_overwrite(scene, volume, tiny_bundle, tmp_path):
