@@ -1,4 +1,4 @@
-"""The `diffseg` command: segment volumes (and, via sub-modules, train, evaluate, manage models)."""
+"""The `diffseg` command: segment volumes, train and evaluate models, manage the model cache."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from . import __version__
 from .errors import DiffSegError, InputError
 from .models_cli import add_models_parser
 from .progress import Progress
+from .train_cli import add_training_parsers
 from .volumes import case_name, is_volume_file
 
 DEFAULT_MODEL = "hippocampus-recycling-x0"
@@ -144,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_segment_parser(subparsers)
     add_models_parser(subparsers)
+    add_training_parsers(subparsers)
     return parser
 
 

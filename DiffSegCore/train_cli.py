@@ -223,7 +223,9 @@ def _add_evaluate_parser(subparsers) -> None:
     p.add_argument("--model", required=True, help="bundle path or registry id")
     p.add_argument("--images", required=True, help="folder of images (nnU-Net `_0000` channels grouped by case)")
     p.add_argument("--labels", required=True, help="folder of label files named like the cases")
-    p.add_argument("--split", help="a run's split.json: evaluate its validation cases only")
+    p.add_argument(
+        "--split", help="a run's split.json, or 'model' for the cases the model held out: evaluate those only"
+    )
     p.add_argument("--cases", nargs="+", help="evaluate only these case names")
     p.add_argument("--steps", type=int)
     p.add_argument("--ensemble", type=int)
@@ -239,6 +241,22 @@ def _add_evaluate_parser(subparsers) -> None:
     p.set_defaults(func=run_evaluate, parser=p)
 
 
+def _validation_cases(split: str, model: str) -> set[str]:
+    """The validation cases of a split.json, or with `model` those the bundle's metadata says it held out."""
+    if split == "model":
+        from .bundle import read_meta
+        from .registry import resolve_model
+
+        held_out = read_meta(resolve_model(model)).get("training", {}).get("split", {}).get("validation")
+        if not held_out:
+            raise InputError(f"model {model} records no validation cases; pass a run's split.json to --split")
+        return set(held_out)
+    try:
+        return set(json.loads(Path(split).read_text())["validation"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"cannot read validation cases from {split} ({exc}); pass a run's split.json or 'model'") from exc
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
     from .evaluation import evaluate, format_table, record_metrics
 
@@ -248,7 +266,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     only = set(args.cases or [])
     if args.split:
-        only |= set(json.loads(Path(args.split).read_text())["validation"])
+        only |= _validation_cases(args.split, args.model)
     report = evaluate(args, only or None)
     report["command"] = _command_line(args)
     print(format_table(report))

@@ -98,3 +98,19 @@ def test_evaluate_refuses_cases_without_labels(dataset, tiny_bundle, tmp_path):
         run_training_command(
             "evaluate", "--model", tiny_bundle, "--images", dataset / "imagesTr", "--labels", labels, "--device", "cpu"
         )
+
+
+def test_evaluate_split_model_uses_the_cases_the_bundle_held_out(dataset, tiny_bundle, tmp_path):
+    bundle = shutil.copytree(tiny_bundle, tmp_path / "bundle")
+    common = ["--images", dataset / "imagesTr", "--labels", dataset / "labelsTr", "--split", "model", "--device", "cpu"]
+    with pytest.raises(InputError, match="records no validation cases"):
+        run_training_command("evaluate", "--model", bundle, *common)
+    meta = json.loads((bundle / "model.json").read_text())
+    meta["training"] = {"split": {"validation": [CASES[0]]}}
+    (bundle / "model.json").write_text(json.dumps(meta))
+    out = tmp_path / "report.json"
+    args = ["--steps", "1", "--ensemble", "1", "--json", out]
+    assert run_training_command("evaluate", "--model", bundle, *common, *args) == 0
+    assert [r["case"] for r in json.loads(out.read_text())["cases"]] == [CASES[0]]
+    with pytest.raises(InputError, match="cannot read validation cases"):
+        run_training_command("evaluate", "--model", bundle, *common[:-3], tmp_path / "none.json", "--device", "cpu")

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from pathlib import Path
 
 import torch
 
-from DiffSegCore.train_cli import add_training_parsers
+from DiffSegCore.cli import build_parser
 
 CARD = Path(__file__).resolve().parents[2] / "docs" / "model_cards" / "hippocampus.json"
 CASES = ["hippocampus_001", "hippocampus_003", "hippocampus_004", "hippocampus_006"]
@@ -18,11 +17,9 @@ FAST = ["--widths", "8", "16", "--patch-size", "16", "24", "16", "--batch", "1",
 
 
 def run_training_command(*args) -> int:
-    """Parse and run `diffseg train|evaluate ...` with the real subparsers the CLI registers."""
+    """Parse `diffseg train|evaluate ...` with the real `diffseg` parser; run it, letting errors raise."""
     torch.set_num_threads(1)
-    parser = argparse.ArgumentParser(prog="diffseg")
-    add_training_parsers(parser.add_subparsers(dest="command", required=True))
-    parsed = parser.parse_args([str(a) for a in args])
+    parsed = build_parser().parse_args([str(a) for a in args])
     return parsed.func(parsed)
 
 
