@@ -1,6 +1,7 @@
 """Training checkpoints in safetensors (never pickles), written atomically.
 
-A checkpoint holds the network, the optional EMA copy and the optimizer state as tensors, and the
+The previous checkpoint is kept beside the newest one (`previous_path`), so a damaged newest file
+never costs the whole run. A checkpoint holds the network, the optional EMA copy and the optimizer state as tensors, and the
 rest (step, optimizer hyper-parameters, loss history, best validation score) as JSON metadata.
 """
 
@@ -40,6 +41,11 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def previous_path(path: Path) -> Path:
+    """Where the checkpoint before `path` is kept."""
+    return path.with_name(f"{path.stem}.previous{path.suffix}")
+
+
 def save_checkpoint(
     path: str | Path,
     model: dict[str, torch.Tensor],
@@ -47,8 +53,11 @@ def save_checkpoint(
     info: dict,
     ema: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write network, EMA and optimizer state plus `info` (JSON-serialisable) to `path` atomically."""
+    """Write network, EMA and optimizer state plus `info` (JSON-serialisable) to `path` atomically;
+    the checkpoint it replaces becomes `previous_path(path)`."""
     path = Path(path)
+    for stale in path.parent.glob(f".{path.name}.*"):  # left by a process killed mid-write
+        stale.unlink(missing_ok=True)
     tensors = {f"model.{k}": v for k, v in model.items()}
     if ema is not None:
         tensors.update({f"ema.{k}": v for k, v in ema.items()})
@@ -60,6 +69,8 @@ def save_checkpoint(
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        if path.exists():
+            os.replace(path, previous_path(path))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -69,8 +80,10 @@ def save_checkpoint(
 def load_checkpoint(path: str | Path) -> tuple[dict, dict, dict, dict | None]:
     """(model state, optimizer state, info, EMA state or None) from a checkpoint file."""
     path = Path(path)
+    previous = previous_path(path)
     if not path.exists():
-        raise InputError(f"no checkpoint at {path} to resume from; start without --resume")
+        hint = f"rename {previous.name} to {path.name} to resume from it" if previous.exists() else "start without --resume"
+        raise InputError(f"no checkpoint at {path} to resume from; {hint}")
     groups: dict[str, dict[str, torch.Tensor]] = {"model": {}, "ema": {}, "optim": {}}
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -79,6 +92,11 @@ def load_checkpoint(path: str | Path) -> tuple[dict, dict, dict, dict | None]:
                 group, rest = key.split(".", 1)
                 groups[group][rest if group != "optim" else key] = handle.get_tensor(key)
     except Exception as exc:
-        raise InputError(f"checkpoint {path} is unreadable ({exc}); resume from an earlier run folder") from None
+        hint = (
+            f"the checkpoint before it is kept: rename {previous.name} to {path.name} and resume again"
+            if previous.exists()
+            else "start the run again without --resume"
+        )
+        raise InputError(f"checkpoint {path} is unreadable ({exc}); {hint}") from None
     optimizer = _unflatten_optimizer(groups["optim"], json.loads(metadata["optimizer"]))
     return groups["model"], optimizer, json.loads(metadata["info"]), groups["ema"] or None

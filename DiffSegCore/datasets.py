@@ -182,7 +182,7 @@ def usable_cases(cases: list[Case], on_problem: str = "skip", log=print) -> list
         log(f"case {problem.case}: {problem.reason}")
     if problems and on_problem == "refuse":
         raise InputError(
-            f"{len(problems)} of {len(cases)} cases cannot be used (listed above); fix them or pass --skip-bad-cases"
+            f"{len(problems)} of {len(cases)} cases cannot be used (listed above); fix them, or leave out --refuse-bad-cases to skip them"
         )
     bad = {p.case for p in problems}
     kept = [c for c in cases if c.name not in bad]

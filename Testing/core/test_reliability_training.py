@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from DiffSegCore.checkpoints import load_checkpoint
+from DiffSegCore.checkpoints import load_checkpoint, previous_path
 from DiffSegCore.training import CHECKPOINT
 from Testing.core.conftest import assert_one_line_error, cli_process, folder_entries, write_volume
 from Testing.core.training_helpers import FAST, copy_cases
@@ -51,15 +51,23 @@ def test_kill_9_mid_training_then_resume_continues_from_the_last_checkpoint(cli,
 
 def test_corrupted_checkpoint_is_a_clear_error_and_the_run_folder_is_kept(cli, data, tmp_path):
     run = tmp_path / "run"
-    first = cli("train", "--data", data, "--output", run, "--cache", tmp_path / "cache", "--iterations", 2, *UNET)
+    first = cli(
+        "train", "--data", data, "--output", run, "--cache", tmp_path / "cache", "--iterations", 2,
+        "--checkpoint-every", 1, *UNET,
+    )  # fmt: skip
     assert first.code == 0, first.err
-    checkpoint = run / CHECKPOINT
+    checkpoint, previous = run / CHECKPOINT, previous_path(run / CHECKPOINT)
+    assert load_checkpoint(previous)[2]["state"]["step"] == 1  # the checkpoint before the last is kept
     checkpoint.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
     before = snapshot(run)
     assert "best.safetensors" in before
     result = cli("train", "--output", run, "--resume", "--iterations", 4, "--threads", 1)
-    assert_one_line_error(result, "checkpoint", "is unreadable", "resume from an earlier run folder")
+    assert_one_line_error(result, "checkpoint", "is unreadable", f"rename {previous.name} to {CHECKPOINT}")
     assert snapshot(run) == before, "a failed resume must neither delete nor rewrite anything in the run folder"
+    previous.replace(checkpoint)  # what the message says to do
+    resumed = cli("train", "--output", run, "--resume", "--iterations", 3, "--threads", 1)
+    assert resumed.code == 0, resumed.err
+    assert "at step 1 of 3" in resumed.out
 
 
 def _case(root, name, spacing=(1.0, 1.0, 1.0)):
@@ -76,7 +84,7 @@ def test_bad_cases_are_reported_then_skipped_or_refused_by_the_flag(cli, tmp_pat
     common = ("--data", source, "--cache", tmp_path / "cache", "--iterations", 1, "--kind", "unet", *FAST)
 
     refused = cli("train", "--output", tmp_path / "refused", "--refuse-bad-cases", *common)
-    assert_one_line_error(refused, "2 of 3 cases cannot be used")
+    assert_one_line_error(refused, "2 of 3 cases cannot be used", "leave out --refuse-bad-cases")
     assert "case moved: label geometry" in refused.out and "case orphan: no label" in refused.out
     assert folder_entries(tmp_path / "refused") == [] and folder_entries(tmp_path / "cache") == []
 
