@@ -223,6 +223,21 @@ def _sample_batch(bundle, cond, schedule, settings, plan, first, count, preseg, 
         )
 
 
+def member_probabilities(
+    bundle: ModelBundle, image: torch.Tensor, settings: SegmentSettings, preseg_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Class probabilities (N, K, *S) of every member, sampled as one batch on the whole volume.
+
+    Members draw the same noise as in `predict_volume` with the same seed, so any prefix of them is
+    the ensemble a smaller run would give; for studies that score many ensemble sizes at once.
+    """
+    settings = settings.with_defaults(bundle.meta)
+    plan = make_plan(bundle, tuple(image.shape[1:]), settings, settings.ensemble)
+    cond = conditioning(bundle.network, image)
+    schedule = sampling_schedule(bundle, settings, preseg_mask is not None)
+    return _sample_batch(bundle, cond, schedule, settings, plan, 0, settings.ensemble, preseg_mask, None)
+
+
 def sampling_schedule(bundle: ModelBundle, settings: SegmentSettings, from_preseg: bool):
     """The K-step schedule, ending at T' when starting from a pre-segmentation."""
     train = training_schedule(bundle.meta["diffusion"])

@@ -31,6 +31,7 @@ from DiffSegCore.cache import CachedCase, build_cache  # noqa: E402
 from DiffSegCore.datasets import find_cases, split_cases  # noqa: E402
 from DiffSegCore.evaluation import case_metrics  # noqa: E402
 from DiffSegCore.inference import SegmentSettings, predict_volume  # noqa: E402
+from DiffSegCore.inference import member_probabilities as sampled_members  # noqa: E402
 from DiffSegCore.networks import build_network  # noqa: E402
 from DiffSegCore.training import TrainConfig, read_best, train  # noqa: E402
 
@@ -333,29 +334,24 @@ def member_probabilities(
     members: int,
     preseg_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Class probabilities (members, K, *S) of members 0..members-1, one predict_volume call each
-    (seed = member index), so any prefix of them is itself an ensemble.
+    """Class probabilities (members, K, *S) of members 0..members-1 (seed 0), sampled as one batch,
+    so any prefix of them is itself an ensemble (the noise of a member does not depend on batching).
 
     Cached on disk as float16 because the sampler studies share them; a pre-segmentation mask must
     be named in settings.preseg (e.g. "mask:eroded"), which is part of the cache key.
     """
+    run = SegmentSettings(**{**asdict(settings), "ensemble": members, "seed": 0, "device": "cpu"})
+    key = cache_key({"bundle": bundle_fingerprint(bundle), "case": case.name, "s": asdict(run)})
+    path = RUNS / "members" / f"{case.name}-{key}.npy"
+    if path.exists():
+        return torch.from_numpy(np.load(path).astype(np.float32))
     image, _ = case.load()
-    fingerprint = bundle_fingerprint(bundle)
-    out = []
-    for member in range(members):
-        key = cache_key({"bundle": fingerprint, "case": case.name, "s": asdict(settings), "m": member})
-        path = RUNS / "members" / f"{case.name}-{key}.npy"
-        if path.exists():
-            out.append(torch.from_numpy(np.load(path).astype(np.float32)))
-            continue
-        run = SegmentSettings(**{**asdict(settings), "ensemble": 1, "seed": member, "device": "cpu"})
-        probs = predict_volume(bundle, torch.from_numpy(image), run, preseg_mask=preseg_mask).mean_probs
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npy")
-        np.save(tmp, probs.numpy().astype(np.float16))
-        os.replace(tmp, path)
-        out.append(probs)
-    return torch.stack(out)
+    probs = sampled_members(bundle, torch.from_numpy(image), run, preseg_mask=preseg_mask).float()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, probs.numpy().astype(np.float16))
+    os.replace(tmp, path)
+    return probs
 
 
 # ----------------------------------------------------------------------------- output

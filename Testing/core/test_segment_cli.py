@@ -4,12 +4,14 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import SimpleITK as sitk
+import torch
 
 from DiffSegCore.bundle import load_bundle
-from DiffSegCore.inference import SegmentSettings, predict_volume
+from DiffSegCore.inference import SegmentSettings, member_probabilities, predict_volume
 from DiffSegCore.preprocess import prepare_image
 from DiffSegCore.volumes import read_volume
 
@@ -58,6 +60,19 @@ def test_cli_result_equals_the_library_on_the_same_seed(tmp_path, tiny_bundle, h
     result = predict_volume(bundle, image, SegmentSettings(seed=5))
     written = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "hippocampus_001_seg.nii.gz")))
     assert np.array_equal(written, result.labels.numpy())
+
+
+def test_member_probabilities_are_the_ensemble_members(tiny_bundle, small_case):
+    """One batch of all members: their mean is predict_volume's, and a prefix is a smaller ensemble."""
+    bundle = load_bundle(tiny_bundle)
+    image, _ = prepare_image([read_volume(small_case)], bundle.meta)
+    settings = SegmentSettings(steps=2, ensemble=3, sampler="ddpm", seed=4, members_per_batch=1)
+    members = member_probabilities(bundle, image, settings)
+    assert members.shape == (3, bundle.num_classes, *image.shape[1:])
+    assert torch.allclose(members.mean(0), predict_volume(bundle, image, settings).mean_probs, atol=1e-5)
+    two = member_probabilities(bundle, image, replace(settings, ensemble=2))
+    assert torch.allclose(two, members[:2], atol=1e-5)
+    assert not torch.allclose(members[0], members[1])  # members differ: the uncertainty is not trivially zero
 
 
 def test_json_progress_and_folder_input(tmp_path, tiny_bundle, hippocampus_dir):
