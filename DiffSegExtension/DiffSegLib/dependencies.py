@@ -13,6 +13,7 @@ import logging
 # import name -> pip requirement
 REQUIREMENTS = {
     "monai": "monai>=1.4",
+    "scipy": "scipy>=1.10",  # MONAI's HD95 and morphology
     "safetensors": "safetensors>=0.4",
     "platformdirs": "platformdirs>=4",
     "jsonschema": "jsonschema>=4.18",
