@@ -337,11 +337,12 @@ def member_probabilities(
     """Class probabilities (members, K, *S) of members 0..members-1 (seed 0), sampled as one batch,
     so any prefix of them is itself an ensemble (the noise of a member does not depend on batching).
 
-    Cached on disk as float16 because the sampler studies share them; a pre-segmentation mask must
-    be named in settings.preseg (e.g. "mask:eroded"), which is part of the cache key.
+    Cached on disk as float16 because the sampler studies share them; the key holds the settings
+    and the pre-segmentation mask's content.
     """
     run = SegmentSettings(**{**asdict(settings), "ensemble": members, "seed": 0, "device": "cpu"})
-    key = cache_key({"bundle": bundle_fingerprint(bundle), "case": case.name, "s": asdict(run)})
+    mask = None if preseg_mask is None else hashlib.sha256(preseg_mask.numpy().tobytes()).hexdigest()
+    key = cache_key({"bundle": bundle_fingerprint(bundle), "case": case.name, "s": asdict(run), "mask": mask})
     path = RUNS / "members" / f"{case.name}-{key}.npy"
     if path.exists():
         return torch.from_numpy(np.load(path).astype(np.float32))

@@ -31,16 +31,18 @@ SHIFT = 3  # voxels along y (anterior-posterior)
 
 
 def _foreground_masks(labels: torch.Tensor, classes: int) -> torch.Tensor:
-    return torch.stack([(labels == c) for c in range(1, classes)]).float()[None]
+    """One single-channel mask per class, along the batch axis: MONAI's erode/dilate mix channels
+    (a 2-channel hippocampus mask erodes to nothing), so every class goes in alone."""
+    return torch.stack([(labels == c) for c in range(1, classes)]).float()[:, None]
 
 
 def degrade(labels: torch.Tensor, how: str, classes: int) -> torch.Tensor:
     """A pre-segmentation made worse on purpose (guo2022 Table 2 varies the pre-segmentation's Dice)."""
     if how == "eroded":
-        kept = erode(_foreground_masks(labels, classes), 3)[0]
+        kept = erode(_foreground_masks(labels, classes), 3)[:, 0]
         return torch.where(kept.sum(0) > 0, labels, torch.zeros_like(labels))
     if how == "dilated":
-        grown = dilate(_foreground_masks(labels, classes), 3)[0]
+        grown = dilate(_foreground_masks(labels, classes), 3)[:, 0]
         out = labels.clone()
         for c in range(1, classes):  # background voxels next to class c join it (higher class wins ties)
             out[(labels == 0) & (grown[c - 1] > 0)] = c
