@@ -102,19 +102,7 @@ def run_segment(args: argparse.Namespace) -> int:
         raise InputError(f"output folder {args.output_dir} is not writable; choose another --output-dir")
     bundle = load_model(args.model, args.device, progress)
     expected = len(bundle.meta["channels"])
-    settings = SegmentSettings(
-        steps=args.steps,
-        ensemble=args.ensemble,
-        sampler=args.sampler,
-        eta=args.eta,
-        preseg=args.preseg,
-        preseg_step=args.preseg_step,
-        seed=args.seed,
-        device=args.device,
-        window=args.window,
-        members_per_batch=args.members_per_batch,
-        per_class_variance=args.per_class_variance,
-    )
+    settings = SegmentSettings.from_args(args)
     options = OutputOptions(args.save_probabilities, args.save_members, args.preview, args.overwrite)
     written = {}
     for index, (name, paths) in enumerate(cases.items()):

@@ -80,16 +80,7 @@ def evaluate(args, only: set[str] | None = None) -> dict:
     from .volumes import from_array, read_channels, read_volume, to_array
 
     bundle = load_model(args.model, args.device, Progress("none"))
-    settings = SegmentSettings(
-        steps=args.steps,
-        ensemble=args.ensemble,
-        sampler=args.sampler,
-        eta=args.eta,
-        preseg=args.preseg,
-        preseg_step=args.preseg_step,
-        seed=args.seed,
-        device=args.device,
-    ).with_defaults(bundle.meta)
+    settings = SegmentSettings.from_args(args).with_defaults(bundle.meta)
     cases = collect_cases([args.images])
     labels = _label_files(Path(args.labels))
     names = sorted(n for n in cases if only is None or n in only)

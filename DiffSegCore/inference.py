@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 from monai.inferers import sliding_window_inference
@@ -39,6 +39,12 @@ class SegmentSettings:
     members_per_batch: int | None = None
     per_class_variance: bool = False
     keep_members: bool = False
+
+    @classmethod
+    def from_args(cls, args) -> SegmentSettings:
+        """The settings among parsed command-line options (same names); options not given keep the defaults."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in vars(args).items() if k in names and v is not None})
 
     def with_defaults(self, meta: dict) -> SegmentSettings:
         """Fill unset choices from the model's default sampler settings."""
