@@ -56,13 +56,15 @@ def make_schedule(kind: str, steps: int, beta_start: float = 1e-4, beta_end: flo
 
 
 def respace(schedule: NoiseSchedule, steps: int, last: int | None = None) -> NoiseSchedule:
-    """Keep alpha_bar at `steps` evenly spaced steps of [0, last] (default: the whole schedule)."""
+    """Keep alpha_bar at `steps` evenly spaced steps of [0, last] (default: the whole schedule);
+    one step keeps `last` alone."""
     last = len(schedule) - 1 if last is None else last
     if not 0 <= last < len(schedule):
         raise InputError(f"start step {last} is outside the schedule's steps 0..{len(schedule) - 1}")
     if not 1 <= steps <= last + 1:
         raise InputError(f"cannot take {steps} sampling steps from {last + 1} diffusion steps; use 1..{last + 1}")
-    keep = torch.linspace(0, last, steps, dtype=torch.float64).round().long()
+    # One step must start where sampling starts (the noisiest kept step), not at step 0 as linspace gives.
+    keep = torch.linspace(0, last, steps, dtype=torch.float64).round().long() if steps > 1 else torch.tensor([last])
     return NoiseSchedule(schedule.alpha_bar[keep], schedule.timesteps[keep])
 
 

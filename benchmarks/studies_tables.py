@@ -78,6 +78,7 @@ def pd_ddpm(data: dict) -> str:
 def uncertainty(data: dict) -> str:
     header = [
         "sampler",
+        "steps",
         "ensemble",
         "voxel AUROC variance (all voxels)",
         "AUROC entropy (all voxels)",
@@ -89,6 +90,7 @@ def uncertainty(data: dict) -> str:
     rows = [
         [
             r["sampler"],
+            str(r["steps"]),
             str(r["ensemble"]),
             _f(r["auroc_variance_pooled"]),
             _f(r["auroc_entropy_pooled"]),

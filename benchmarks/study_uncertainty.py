@@ -2,7 +2,7 @@
 voxel AUROC of the variance map (and of the entropy of the mean) for misclassified voxels, and
 the per-case Spearman correlation between mean uncertainty and Dice (can it flag a bad case?).
 
-    python benchmarks/study_uncertainty.py [--cases N] [--steps K] [--smoke]
+    python benchmarks/study_uncertainty.py [--cases N] [--steps K [K ...]] [--smoke]
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from monai.metrics import compute_roc_auc
+from scipy.stats import spearmanr
 from studies_common import (
     budget_from,
     default_bundle,
@@ -32,9 +33,7 @@ SAMPLERS = ("ddpm", "ddim")
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Rank correlation (hand-written: scipy is not a dependency; per-case means have no ties)."""
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    return float(np.corrcoef(ra, rb)[0, 1])
+    return float(spearmanr(a, b, nan_policy="omit").statistic)
 
 
 def auroc(scores: torch.Tensor, errors: torch.Tensor) -> float:
@@ -93,23 +92,23 @@ def analyse(members: list[torch.Tensor], truths: list[np.ndarray], n: int, data)
 
 def main() -> None:
     p = parser(__doc__)
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: all trained steps)")
+    p.add_argument("--steps", type=int, nargs="+", help="sampling steps (default: 2 and all trained steps)")
     args = p.parse_args()
     budget = budget_from(args)
     bundle = default_bundle(args.bundle)
     data = load_data(bundle.meta, budget, args.smoke)
-    steps = args.steps or len(training_schedule(bundle.meta["diffusion"]))
+    step_counts = args.steps or sorted({2, len(training_schedule(bundle.meta["diffusion"]))})
     sizes = (2,) if args.smoke else ENSEMBLES
     truths = [case.load()[1] for case in data.validation]
     results = []
-    for sampler in SAMPLERS:
+    for sampler, steps in ((s, k) for s in SAMPLERS for k in step_counts):
         settings = SegmentSettings(steps=steps, sampler=sampler, eta=0.0, preseg="none", device="cpu")
         members = [member_probabilities(bundle, case, settings, max(sizes)) for case in data.validation]
         for n in sizes:
             row = {"sampler": sampler, "steps": steps, **analyse(members, truths, n, data)}
             results.append(row)
             print(
-                f"{sampler} N={n}: AUROC variance {row['auroc_variance_pooled']:.3f}, entropy {row['auroc_entropy_pooled']:.3f}; "
+                f"{sampler} K={steps} N={n}: AUROC variance {row['auroc_variance_pooled']:.3f}, entropy {row['auroc_entropy_pooled']:.3f}; "
                 f"Spearman(Dice, mean fg variance) {row['spearman_dice_vs_mean_variance_fg']:.3f}"
             )
     write_result(
@@ -118,7 +117,7 @@ def main() -> None:
             "bundle": bundle.meta["id"],
             "bundle_version": bundle.meta.get("version"),
             "cases": [c.name for c in data.validation],
-            "budget": f"no training; {len(data.validation)} validation cases, {steps} steps, members up to {max(sizes)}",
+            "budget": f"no training; {len(data.validation)} validation cases, {step_counts} steps, members up to {max(sizes)}",
             "paper": "bieder2023 / guo2022 show variance maps qualitatively; no AUROC is reported there",
             "results": results,
         },
@@ -130,14 +129,14 @@ def main() -> None:
 def plot(results: list[dict], smoke: bool) -> None:
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for sampler in SAMPLERS:
-        mine = [r for r in results if r["sampler"] == sampler]
-        sizes = [r["ensemble"] for r in mine]
-        axes[0].plot(sizes, [r["auroc_variance_pooled"] for r in mine], "o-", label=f"{sampler} variance")
-        axes[0].plot(sizes, [r["auroc_entropy_pooled"] for r in mine], "s--", label=f"{sampler} entropy")
+    for sampler, steps in dict.fromkeys((r["sampler"], r["steps"]) for r in results):
+        mine = [r for r in results if (r["sampler"], r["steps"]) == (sampler, steps)]
+        sizes, name = [r["ensemble"] for r in mine], f"{sampler} K={steps}"
+        axes[0].plot(sizes, [r["auroc_variance_pooled"] for r in mine], "o-", label=f"{name} variance")
+        axes[0].plot(sizes, [r["auroc_entropy_pooled"] for r in mine], "s--", label=f"{name} entropy")
         near = [r["auroc_variance_near_mean_per_case"] for r in mine]
-        axes[0].plot(sizes, near, "^:", label=f"{sampler} variance, near structures")
-        axes[1].plot(sizes, [r["spearman_dice_vs_mean_variance_fg"] for r in mine], "o-", label=f"{sampler}")
+        axes[0].plot(sizes, near, "^:", label=f"{name} variance, near structures")
+        axes[1].plot(sizes, [r["spearman_dice_vs_mean_variance_fg"] for r in mine], "o-", label=name)
     axes[0].set_ylabel("voxel AUROC for misclassified voxels")
     axes[1].set_ylabel("Spearman(case Dice, mean fg variance)")
     for axis in axes:

@@ -47,6 +47,15 @@ def test_respace_to_a_start_step_ends_there():
     assert kept.timesteps.tolist() == [0, 200, 400, 600]
 
 
+def test_one_step_jumps_from_the_start_step():
+    """A single step denoises from where sampling starts: pure noise at T, or the pre-segmentation at T'."""
+    base = linear_schedule(1000)
+    assert respace(base, 1).timesteps.tolist() == [999]
+    assert respace(base, 1, last=300).timesteps.tolist() == [300]
+    assert respace(base, 1, last=0).timesteps.tolist() == [0]
+    assert respace(base, 1).betas.item() == pytest.approx(1 - base.alpha_bar[999].item())
+
+
 def test_training_schedule_reindexes_kept_steps():
     schedule = training_schedule({"schedule": "linear", "base_steps": 1001, "train_steps": 5})
     assert schedule.timesteps.tolist() == [0, 1, 2, 3, 4]
