@@ -158,15 +158,17 @@ def format_table(report: dict) -> str:
     return "\n".join(out)
 
 
-def record_metrics(bundle_path: Path, report: dict) -> None:
-    """Store the mean results (and the command that measured them) in a bundle folder's model.json."""
+def record_metrics(bundle_path: Path, report: dict, name: str = "validation") -> None:
+    """Store the mean results (and the command that measured them) in a bundle folder's model.json,
+    as metrics[name]; "validation" is the run with the default settings, whose time the panel shows."""
     model_file = bundle_path / "model.json"
     if not model_file.is_file():
         raise ModelError(f"--record needs a bundle folder with model.json; {bundle_path} is not one")
     meta = json.loads(model_file.read_text())
     mean = report["mean"]
     meta["metrics"] = {
-        "validation": {
+        **meta.get("metrics", {}),
+        name: {
             "cases": mean["cases"],
             "settings": report["settings"],
             "mean_foreground_dice": mean["mean_foreground_dice"],
@@ -178,9 +180,9 @@ def record_metrics(bundle_path: Path, report: dict) -> None:
             "command": report["command"],
         }
     }
-    # The measured time per case on this device kind is what the panel shows as the expected time.
-    kind = "gpu" if report["device"].startswith("cuda") else "cpu"
-    meta["expected_seconds"] = {**meta.get("expected_seconds", {}), kind: round(mean["seconds_per_case"], 1)}
+    if name == "validation":  # the measured time per case on this device kind is the panel's expected time
+        kind = "gpu" if report["device"].startswith("cuda") else "cpu"
+        meta["expected_seconds"] = {**meta.get("expected_seconds", {}), kind: round(mean["seconds_per_case"], 1)}
     tmp = model_file.with_suffix(".tmp")
     tmp.write_text(json.dumps(meta, indent=2) + "\n")
     os.replace(tmp, model_file)

@@ -237,7 +237,14 @@ def _add_evaluate_parser(subparsers) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
     p.add_argument("--json", dest="json_out", help="write per-case and mean results to this JSON file")
-    p.add_argument("--record", action="store_true", help="store the mean results in the bundle's model.json")
+    p.add_argument(
+        "--record",
+        nargs="?",
+        const="validation",
+        metavar="NAME",
+        help="store the mean results in the bundle's model.json as metrics.NAME (default: validation, "
+        "meant for the default settings)",
+    )
     p.set_defaults(func=run_evaluate, parser=p)
 
 
@@ -273,7 +280,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.json_out:
         _write_json(Path(args.json_out), report)
     if args.record:
-        record_metrics(Path(args.model), report)
+        record_metrics(Path(args.model), report, args.record)
         print(f"metrics recorded in {Path(args.model) / 'model.json'}")
     return 0
 

@@ -125,7 +125,7 @@ class DiffSegParameterNode:
     channel2Volume: vtkMRMLScalarVolumeNode
     channel3Volume: vtkMRMLScalarVolumeNode
     model: str = ""
-    steps: Annotated[int, WithinRange(1, 1000)] = 5
+    steps: Annotated[int, WithinRange(1, 1000)] = 2
     ensembleSize: Annotated[int, WithinRange(1, 64)] = 5
     sampler: Annotated[str, Choice(["ddim", "ddpm"])] = "ddim"
     preseg: PresegSource = PresegSource.NONE
@@ -245,6 +245,23 @@ class DiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onModelChanged(self, index: int) -> None:
         if self._parameterNode and index >= 0:
             self._parameterNode.model = self.ui.modelSelector.itemData(index)
+            self._applyModelDefaults()
+
+    def _applyModelDefaults(self) -> None:
+        """Take steps, ensemble size and sampler from the chosen model's measured defaults (once it is here)."""
+        info = self._models.get(self._parameterNode.model)
+        if info is None or not info.current.installed:
+            return
+        try:
+            from DiffSegCore.bundle import read_meta  # needs torch, which may not be installed yet
+        except ImportError:
+            return
+        from DiffSegCore.registry import resolve_model
+
+        defaults = read_meta(resolve_model(info.id, download=False)).get("defaults", {})
+        for name, key in (("steps", "steps"), ("ensembleSize", "ensemble"), ("sampler", "sampler")):
+            if defaults.get(key) is not None:
+                setattr(self._parameterNode, name, defaults[key])
 
     def _showModel(self) -> None:
         modelId = self._parameterNode.model if self._parameterNode else ""

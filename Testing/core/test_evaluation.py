@@ -109,8 +109,11 @@ def test_evaluate_split_model_uses_the_cases_the_bundle_held_out(dataset, tiny_b
     meta["training"] = {"split": {"validation": [CASES[0]]}}
     (bundle / "model.json").write_text(json.dumps(meta))
     out = tmp_path / "report.json"
-    args = ["--steps", "1", "--ensemble", "1", "--json", out]
+    args = ["--steps", "1", "--ensemble", "1", "--json", out, "--record", "one_step"]
     assert run_training_command("evaluate", "--model", bundle, *common, *args) == 0
     assert [r["case"] for r in json.loads(out.read_text())["cases"]] == [CASES[0]]
+    recorded = json.loads((bundle / "model.json").read_text())
+    assert recorded["metrics"]["one_step"]["settings"]["steps"] == 1  # a named record, beside any others
+    assert recorded.get("expected_seconds") == meta.get("expected_seconds")  # only the default run sets it
     with pytest.raises(InputError, match="cannot read validation cases"):
         run_training_command("evaluate", "--model", bundle, *common[:-3], tmp_path / "none.json", "--device", "cpu")
