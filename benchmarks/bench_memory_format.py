@@ -16,10 +16,10 @@ import time
 
 import torch
 from benchlib import RESULTS, load_average, machine_info, machine_tag, markdown_table, resolve_device, synchronize
+from diffseg_case import BUNDLED_MODEL
 
 from DiffSegCore.bundle import load_bundle
 from DiffSegCore.networks import build_network
-from diffseg_case import BUNDLED_MODEL
 
 LAYOUTS = {"default": torch.contiguous_format, "channels_last_3d": torch.channels_last_3d}
 COLUMNS = [
