@@ -125,7 +125,7 @@ class DiffSegParameterNode:
     channel2Volume: vtkMRMLScalarVolumeNode
     channel3Volume: vtkMRMLScalarVolumeNode
     model: str = ""
-    steps: Annotated[int, WithinRange(1, 1000)] = 2
+    steps: Annotated[int, WithinRange(1, 1000)] = 1
     ensembleSize: Annotated[int, WithinRange(1, 64)] = 5
     sampler: Annotated[str, Choice(["ddim", "ddpm"])] = "ddim"
     preseg: PresegSource = PresegSource.NONE
