@@ -253,12 +253,9 @@ class DiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if info is None or not info.current.installed:
             return
         try:
-            from DiffSegCore.bundle import read_meta  # needs torch, which may not be installed yet
-        except ImportError:
+            defaults = model_meta(info.current.path).get("defaults", {})
+        except ImportError:  # torch is not installed yet; the panel keeps its values
             return
-        from DiffSegCore.registry import resolve_model
-
-        defaults = read_meta(resolve_model(info.id, download=False)).get("defaults", {})
         for name, key in (("steps", "steps"), ("ensembleSize", "ensemble"), ("sampler", "sampler")):
             if defaults.get(key) is not None:
                 setattr(self._parameterNode, name, defaults[key])

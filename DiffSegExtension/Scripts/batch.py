@@ -24,7 +24,7 @@ if (MODULE_DIR.parent / "DiffSegCore").is_dir():
 import numpy as np  # noqa: E402
 import slicer  # noqa: E402
 from DiffSegLib import scene as bridge  # noqa: E402
-from DiffSegLib.logic import DEVICES, SAMPLERS, SegmentationLogic  # noqa: E402
+from DiffSegLib.logic import DEVICES, SAMPLERS, SegmentationLogic, model_meta  # noqa: E402
 
 from DiffSegCore.volumes import VOLUME_SUFFIXES, case_name  # noqa: E402
 
@@ -34,9 +34,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--input", required=True, type=Path, help="folder of volumes")
     parser.add_argument("--output", required=True, type=Path, help="folder for the results")
     parser.add_argument("--model", required=True, help="registry id or bundle path")
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--ensemble", type=int, default=5)
-    parser.add_argument("--sampler", choices=SAMPLERS, default="ddim")
+    parser.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
+    parser.add_argument("--ensemble", type=int, help="ensemble members (default: the model's)")
+    parser.add_argument("--sampler", choices=SAMPLERS, help="default: the model's")
     parser.add_argument("--preseg", choices=["none", "model"], default="none")
     parser.add_argument("--preseg-step", type=int)
     parser.add_argument("--device", choices=DEVICES, default="auto")
@@ -69,6 +69,20 @@ def save_segmentation(node, path: Path) -> None:
         raise OSError(f"could not write {path}")
 
 
+def fill_model_defaults(args: argparse.Namespace) -> None:
+    """Steps, ensemble size and sampler not given take the model's own defaults (fetching it if asked for by id)."""
+    from DiffSegCore.errors import DiffSegError
+    from DiffSegCore.registry import resolve_model
+
+    try:
+        defaults = model_meta(str(resolve_model(args.model))).get("defaults", {})
+    except DiffSegError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    for option, key, fallback in (("steps", "steps", 5), ("ensemble", "ensemble", 5), ("sampler", "sampler", "ddim")):
+        if getattr(args, option) is None:
+            setattr(args, option, defaults.get(key, fallback))
+
+
 def run(args: argparse.Namespace) -> int:
     if not args.input.is_dir():
         print(f"error: input folder {args.input} does not exist", file=sys.stderr)
@@ -77,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
     if not cases:
         print(f"error: no volumes ({', '.join(VOLUME_SUFFIXES)}) in {args.input}", file=sys.stderr)
         return 2
+    fill_model_defaults(args)
     args.output.mkdir(parents=True, exist_ok=True)
     scene, volumes_logic, _keep_alive = open_scene()
     logic = SegmentationLogic(scene)

@@ -27,11 +27,7 @@ def test_batch_segments_a_folder_and_reports_bad_cases(standalone, tiny_bundle, 
             "--output",
             str(out),
             "--model",
-            str(tiny_bundle),
-            "--steps",
-            "2",
-            "--ensemble",
-            "2",
+            str(tiny_bundle),  # steps, ensemble and sampler left to the model's defaults (2, 2, ddim)
             "--device",
             "cpu",
             "--seed",
@@ -62,3 +58,16 @@ def test_batch_segments_a_folder_and_reports_bad_cases(standalone, tiny_bundle, 
     assert np.allclose(uncertainty.GetOrigin(), image.GetOrigin(), atol=1e-4)
     assert np.allclose(uncertainty.GetDirection(), image.GetDirection(), atol=1e-6)
     assert np.allclose(sitk.GetArrayFromImage(uncertainty), cli_outputs["uncertainty"])
+
+
+def test_batch_with_a_missing_model_is_one_clear_error(tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / CASE.name).symlink_to(CASE)
+    command = [sys.executable, str(BATCH), "--input", str(inputs), "--output", str(tmp_path / "out")]
+    result = subprocess.run([*command, "--model", str(tmp_path / "nothing")], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [
+        f"error: model bundle not found: {tmp_path / 'nothing'}; pass a bundle folder, a .zip or a model id"
+    ]
+    assert not (tmp_path / "out").exists()
