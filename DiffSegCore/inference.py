@@ -172,7 +172,7 @@ def _autocast(device: torch.device):
 
 
 def _memory_format(device: torch.device) -> torch.memory_format:
-    """Channels-last on the CPU, where oneDNN's 3D convolutions ran 30% faster so (docs/results.md, section 8);
+    """Channels-last on the CPU, where oneDNN's 3D convolutions ran 1.2-1.6x faster so (docs/results.md, section 8);
     GPUs keep the default layout until it is measured there."""
     return torch.channels_last_3d if device.type == "cpu" else torch.contiguous_format
 

@@ -2,7 +2,7 @@
 
 Sizes: a real hippocampus case and 240x240x155 (full volume and sliding window), for the default
 network (widths 32/64/128/256) and the bundled model when Resources/Models/hippocampus exists.
-Every configuration runs in a fresh process; see docs/results_speed.md.
+Every configuration runs in a fresh process; see docs/results.md, section 8.
 
     python benchmarks/bench_inference.py                # auto device; CPU: 240^2x155 with K=1, N=1
     python benchmarks/bench_inference.py --large-steps 5 --large-members 5

@@ -28,7 +28,7 @@ COLUMNS = [
     ("default", "s / eval, default"),
     ("channels_last_3d", "s / eval, channels-last"),
     ("speedup", "speed-up"),
-    ("max_abs_diff", "max |difference|"),
+    ("max_abs_diff", "max abs difference of outputs"),
 ]
 
 
