@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("DIFFSEG_TEST_DATA", REPO.parent / "shared" / "data" / "hippocampus"))
+# The shared hippocampus data beside the checkout, else where the workplace keeps it; DIFFSEG_TEST_DATA overrides.
+_CANDIDATES = [REPO.parent / "shared" / "data" / "hippocampus", Path("/work/shared/data/hippocampus")]
+DATA = Path(os.environ.get("DIFFSEG_TEST_DATA") or next((p for p in _CANDIDATES if p.is_dir()), _CANDIDATES[0]))
 
 
 def tiny_meta(**overrides) -> dict:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 
@@ -14,13 +12,12 @@ from DiffSegCore.networks import build_network
 from DiffSegCore.pretraining import PretrainConfig, load_pretrained, pretrain, start_from_pretrained, transfer_weights
 from DiffSegCore.training import CHECKPOINT, TrainConfig, train
 
-DATA = Path("/work/shared/data/hippocampus")
 SMALL = {"widths": [4, 8], "size": [16, 24, 16], "batch": 1, "iterations": 2, "warmup": 1}
 
 
-def test_pretrain_transfer_and_fine_tune(tmp_path):
+def test_pretrain_transfer_and_fine_tune(hippocampus_dir, tmp_path):
     torch.set_num_threads(1)
-    cases = find_cases(DATA).cases[:2]
+    cases = find_cases(hippocampus_dir).cases[:2]
     cached = build_cache(cases, {"channels": [{"normalisation": {"kind": "percentile_zscore"}}]}, tmp_path / "cache")
     weights = pretrain(tmp_path / "pre", cached, PretrainConfig(**SMALL), log=lambda _: None)
     assert all(torch.isfinite(v).all() for v in weights.values())

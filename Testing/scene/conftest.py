@@ -14,10 +14,12 @@ import vtk
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "DiffSegExtension"))
+sys.path.insert(0, str(ROOT))
 
 from DiffSegLib import scene as bridge  # noqa: E402
 
-HIPPOCAMPUS = Path("/work/shared/data/hippocampus")
+from Testing.conftest import DATA as HIPPOCAMPUS  # noqa: E402
+
 CASE = HIPPOCAMPUS / "imagesTr" / "hippocampus_001.nii.gz"
 CLASSES = [
     {
