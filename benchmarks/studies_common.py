@@ -296,6 +296,16 @@ def run_arms(arms: list[tuple], data: Data, budget: Budget) -> list[dict]:
     return rows
 
 
+def arm_study_main(study: str, doc: str, arms: list[tuple], paper: str, title: str) -> None:
+    """A whole trained-arms study: parse the budget, train and score every arm, write JSON and plot."""
+    args = parser(doc).parse_args()
+    budget = budget_from(args)
+    data = load_data(STUDY_META, budget, args.smoke)
+    rows = run_arms(arms, data, budget)
+    write_arms(study, rows, data, budget, args.smoke, paper=paper)
+    bar_plot(study, rows, f"{title}, {budget.iterations} iterations per arm", args.smoke)
+
+
 def write_arms(study: str, rows: list[dict], data: Data, budget: Budget, smoke: bool, **extra) -> Path:
     return write_result(
         study,

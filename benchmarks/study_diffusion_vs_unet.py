@@ -5,7 +5,7 @@ python benchmarks/study_diffusion_vs_unet.py [--iterations N] [--cases N] [--smo
 
 from __future__ import annotations
 
-from studies_common import STUDY_META, bar_plot, budget_from, load_data, parser, run_arms, write_arms
+from studies_common import arm_study_main
 
 STUDY = "study_diffusion_vs_unet"
 # The diffusion arm is study 1's default arm (shared cache). fu2023 Table 2, prostate MR (Dice, HD mm).
@@ -16,12 +16,9 @@ ARMS = [
 
 
 def main() -> None:
-    args = parser(__doc__).parse_args()
-    budget = budget_from(args)
-    data = load_data(STUDY_META, budget, args.smoke)
-    rows = run_arms(ARMS, data, budget)
-    write_arms(STUDY, rows, data, budget, args.smoke, paper="fu2023 prostate MR (Dice, HD mm)")
-    bar_plot(STUDY, rows, f"Diffusion vs. U-Net (fu2023 Table 2), {budget.iterations} iterations per arm", args.smoke)
+    arm_study_main(
+        STUDY, __doc__, ARMS, paper="fu2023 prostate MR (Dice, HD mm)", title="Diffusion vs. U-Net (fu2023 Table 2)"
+    )
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ and the "x8" arms take 8x the patches per batch, so they see as many voxels as t
 
 from __future__ import annotations
 
-from studies_common import STUDY_META, bar_plot, budget_from, load_data, parser, run_arms, write_arms
+from studies_common import arm_study_main
 
 STUDY = "study_patch_training"
 PATCH = [16, 24, 16]  # (z, y, x) voxels: an eighth of the default 32x48x32 crop
@@ -31,12 +31,13 @@ ARMS = [
 
 
 def main() -> None:
-    args = parser(__doc__).parse_args()
-    budget = budget_from(args)
-    data = load_data(STUDY_META, budget, args.smoke)
-    rows = run_arms(ARMS, data, budget)
-    write_arms(STUDY, rows, data, budget, args.smoke, paper="bieder2023 BraTS single sample (Dice, HD95 mm)")
-    bar_plot(STUDY, rows, f"Patch training (bieder2023), {budget.iterations} iterations per arm", args.smoke)
+    arm_study_main(
+        STUDY,
+        __doc__,
+        ARMS,
+        paper="bieder2023 BraTS single sample (Dice, HD95 mm)",
+        title="Patch training (bieder2023)",
+    )
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ Dice loss on/off, 5 vs. 1000 training steps, each at the same training budget.
 
 from __future__ import annotations
 
-from studies_common import STUDY_META, bar_plot, budget_from, load_data, parser, run_arms, write_arms
+from studies_common import arm_study_main
 
 STUDY = "study_training_strategy"
 # (arm, what it changes from the default recipe, TrainConfig overrides, Dice term in the loss,
@@ -22,12 +22,7 @@ ARMS = [
 
 
 def main() -> None:
-    args = parser(__doc__).parse_args()
-    budget = budget_from(args)
-    data = load_data(STUDY_META, budget, args.smoke)
-    rows = run_arms(ARMS, data, budget)
-    write_arms(STUDY, rows, data, budget, args.smoke, paper="fu2023 prostate MR (Dice, HD mm)")
-    bar_plot(STUDY, rows, f"Training strategy (fu2023), {budget.iterations} iterations per arm", args.smoke)
+    arm_study_main(STUDY, __doc__, ARMS, paper="fu2023 prostate MR (Dice, HD mm)", title="Training strategy (fu2023)")
 
 
 if __name__ == "__main__":
