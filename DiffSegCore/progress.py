@@ -72,7 +72,7 @@ class Progress:
         elif self.bar is not None:
             if fraction is not None:
                 self.bar.n = round(fraction * 100)
-            self.bar.set_description_str(f"{self.case} {stage}"[:40].ljust(28))
+            self.bar.set_description_str(f"{self.case} {stage}"[:40].ljust(28), refresh=False)
             self.bar.refresh()
             if stage in ("done", "error"):
                 self.bar.close()
