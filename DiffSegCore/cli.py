@@ -114,8 +114,7 @@ def run_segment(args: argparse.Namespace) -> int:
         progress.start_case(index, name)
         outputs = segment_case(bundle, paths, name, args.output_dir, settings, options, progress)
         written[name] = {k: str(v) for k, v in outputs.items()}
-        if args.progress == "text":
-            print(f"{name}: {outputs['segmentation']}")
+        progress.result(f"{name}: {outputs['segmentation']}")
     progress.report("done", f"{len(cases)} case(s) segmented", outputs=written)
     return 0
 

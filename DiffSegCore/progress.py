@@ -24,7 +24,12 @@ class Progress:
         self.stream = stream or sys.stdout
         self.started = time.monotonic()
         self.bar = (
-            tqdm(total=100, bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}", file=sys.stderr)
+            tqdm(
+                total=100,
+                desc="loading model".ljust(28),
+                bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}",
+                file=sys.stderr,
+            )
             if mode == "text"
             else None
         )
@@ -73,9 +78,15 @@ class Progress:
             if fraction is not None:
                 self.bar.n = round(fraction * 100)
             self.bar.set_description_str(f"{self.case} {stage}"[:40].ljust(28), refresh=False)
-            self.bar.refresh()
             if stage in ("done", "error"):
-                self.bar.close()
+                self.bar.close()  # draws the final state once
+            else:
+                self.bar.refresh()
+
+    def result(self, line: str) -> None:
+        """A line for the user on the output stream, in text mode only, clear of the progress bar."""
+        if self.mode == "text":
+            tqdm.write(line, file=self.stream)
 
     def note(self, message: str) -> None:
         """A message for the user (warnings, fallbacks) that does not move the bar."""
