@@ -1,8 +1,8 @@
 """Training checkpoints in safetensors (never pickles), written atomically.
 
-The previous checkpoint is kept beside the newest one (`previous_path`), so a damaged newest file
-never costs the whole run. A checkpoint holds the network, the optional EMA copy and the optimizer state as tensors, and the
+A checkpoint holds the network, the optional EMA copy and the optimizer state as tensors, and the
 rest (step, optimizer hyper-parameters, loss history, best validation score) as JSON metadata.
+The one before the newest is kept beside it (`previous_path`), so a damaged file never costs the run.
 """
 
 from __future__ import annotations
@@ -77,13 +77,19 @@ def save_checkpoint(
         raise
 
 
+def _fallback_hint(path: Path, otherwise: str) -> str:
+    """What to do when `path` cannot be resumed from: use the checkpoint before it, if it is there."""
+    previous = previous_path(path)
+    if previous.exists():
+        return f"the checkpoint before it is kept: rename {previous.name} to {path.name} and resume again"
+    return otherwise
+
+
 def load_checkpoint(path: str | Path) -> tuple[dict, dict, dict, dict | None]:
     """(model state, optimizer state, info, EMA state or None) from a checkpoint file."""
     path = Path(path)
-    previous = previous_path(path)
     if not path.exists():
-        hint = f"rename {previous.name} to {path.name} to resume from it" if previous.exists() else "start without --resume"
-        raise InputError(f"no checkpoint at {path} to resume from; {hint}")
+        raise InputError(f"no checkpoint at {path} to resume from; {_fallback_hint(path, 'start without --resume')}")
     groups: dict[str, dict[str, torch.Tensor]] = {"model": {}, "ema": {}, "optim": {}}
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -92,11 +98,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict, dict, dict, dict | None]:
                 group, rest = key.split(".", 1)
                 groups[group][rest if group != "optim" else key] = handle.get_tensor(key)
     except Exception as exc:
-        hint = (
-            f"the checkpoint before it is kept: rename {previous.name} to {path.name} and resume again"
-            if previous.exists()
-            else "start the run again without --resume"
-        )
+        hint = _fallback_hint(path, "start the run again without --resume")
         raise InputError(f"checkpoint {path} is unreadable ({exc}); {hint}") from None
     optimizer = _unflatten_optimizer(groups["optim"], json.loads(metadata["optimizer"]))
     return groups["model"], optimizer, json.loads(metadata["info"]), groups["ema"] or None

@@ -35,7 +35,7 @@ def _addCoreToPath() -> None:
 _addCoreToPath()
 
 from DiffSegLib import dependencies  # noqa: E402
-from DiffSegLib.logic import SegmentationLogic, model_meta  # noqa: E402
+from DiffSegLib.logic import SegmentationLogic, model_meta, sampler_defaults  # noqa: E402
 from DiffSegLib.scene import find_segmentation_conflict  # noqa: E402
 from DiffSegLib.widgets import WIDGET_CLASSES  # noqa: E402
 
@@ -253,12 +253,12 @@ class DiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if info is None or not info.current.installed:
             return
         try:
-            defaults = model_meta(info.current.path).get("defaults", {})
+            defaults = sampler_defaults(str(info.current.path))
         except ImportError:  # torch is not installed yet; the panel keeps its values
             return
-        for name, key in (("steps", "steps"), ("ensembleSize", "ensemble"), ("sampler", "sampler")):
-            if defaults.get(key) is not None:
-                setattr(self._parameterNode, name, defaults[key])
+        self._parameterNode.steps = defaults["steps"]
+        self._parameterNode.ensembleSize = defaults["ensemble"]
+        self._parameterNode.sampler = defaults["sampler"]
 
     def _showModel(self) -> None:
         modelId = self._parameterNode.model if self._parameterNode else ""

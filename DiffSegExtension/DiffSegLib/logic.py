@@ -66,6 +66,14 @@ def model_meta(model: str) -> dict:
     return read_meta(path)
 
 
+def sampler_defaults(model: str) -> dict:
+    """steps, ensemble and sampler a run of `model` uses when none are given (the core's own defaulting)."""
+    from DiffSegCore.inference import SegmentSettings
+
+    settings = SegmentSettings().with_defaults(model_meta(model))
+    return {"steps": settings.steps, "ensemble": settings.ensemble, "sampler": settings.sampler}
+
+
 def describe_event(event: dict) -> str:
     """One status line for a progress event."""
     stage = event.get("stage", "")

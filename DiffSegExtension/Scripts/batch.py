@@ -24,7 +24,7 @@ if (MODULE_DIR.parent / "DiffSegCore").is_dir():
 import numpy as np  # noqa: E402
 import slicer  # noqa: E402
 from DiffSegLib import scene as bridge  # noqa: E402
-from DiffSegLib.logic import DEVICES, SAMPLERS, SegmentationLogic, model_meta  # noqa: E402
+from DiffSegLib.logic import DEVICES, SAMPLERS, SegmentationLogic, sampler_defaults  # noqa: E402
 
 from DiffSegCore.volumes import VOLUME_SUFFIXES, case_name  # noqa: E402
 
@@ -75,12 +75,12 @@ def fill_model_defaults(args: argparse.Namespace) -> None:
     from DiffSegCore.registry import resolve_model
 
     try:
-        defaults = model_meta(str(resolve_model(args.model))).get("defaults", {})
+        defaults = sampler_defaults(str(resolve_model(args.model)))
     except DiffSegError as exc:
         raise SystemExit(f"error: {exc}") from None
-    for option, key, fallback in (("steps", "steps", 5), ("ensemble", "ensemble", 5), ("sampler", "sampler", "ddim")):
+    for option, value in defaults.items():
         if getattr(args, option) is None:
-            setattr(args, option, defaults.get(key, fallback))
+            setattr(args, option, value)
 
 
 def run(args: argparse.Namespace) -> int:
