@@ -92,12 +92,12 @@ def analyse(members: list[torch.Tensor], truths: list[np.ndarray], n: int, data)
 
 def main() -> None:
     p = parser(__doc__)
-    p.add_argument("--steps", type=int, nargs="+", help="sampling steps (default: 2 and all trained steps)")
+    p.add_argument("--steps", type=int, nargs="+", help="sampling steps (default: 1, 2 and all trained steps)")
     args = p.parse_args()
     budget = budget_from(args)
     bundle = default_bundle(args.bundle)
     data = load_data(bundle.meta, budget, args.smoke)
-    step_counts = args.steps or sorted({2, len(training_schedule(bundle.meta["diffusion"]))})
+    step_counts = args.steps or sorted({1, 2, len(training_schedule(bundle.meta["diffusion"]))})
     sizes = (2,) if args.smoke else ENSEMBLES
     truths = [case.load()[1] for case in data.validation]
     results = []
