@@ -226,7 +226,7 @@ class DiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Fill the model selector from the registry (or say what to install to see it)."""
         self._models = {}
         try:
-            from DiffSegCore.registry import list_models
+            from DiffSegCore.models.registry import list_models
 
             self._models = {info.id: info for info in list_models()}
         except ImportError:
@@ -445,7 +445,7 @@ class DiffSegTest(ScriptedLoadableModuleTest):
         return SampleData.downloadSample(names[0])
 
     def _defaultModel(self) -> str:
-        from DiffSegCore.registry import list_models
+        from DiffSegCore.models.registry import list_models
 
         return list_models()[0].id
 

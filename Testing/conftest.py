@@ -40,8 +40,8 @@ def tiny_meta(**overrides) -> dict:
 def make_tiny_bundle(out_dir: Path, seed: int = 0, **overrides) -> Path:
     import torch
 
-    from DiffSegCore.bundle import network_config, save_bundle
-    from DiffSegCore.networks import build_network
+    from DiffSegCore.models.bundle import network_config, save_bundle
+    from DiffSegCore.networks.unet import build_network
 
     meta = tiny_meta(**overrides)
     torch.manual_seed(seed)

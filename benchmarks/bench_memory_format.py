@@ -2,7 +2,7 @@
 
 The bundled model and the default network (32/64/128/256), at hippocampus size with the default
 5 members batched and on one 96^3 window; median of repeated evaluations after a warm-up, outputs
-compared between the layouts. DiffSegCore.inference uses channels-last on the CPU because of it.
+compared between the layouts. DiffSegCore.inference.ensemble uses channels-last on the CPU because of it.
 
     python benchmarks/bench_memory_format.py [--device cpu|cuda] [--repeats N]
 """
@@ -18,8 +18,8 @@ import torch
 from benchlib import RESULTS, load_average, machine_info, machine_tag, markdown_table, resolve_device, synchronize
 from diffseg_case import BUNDLED_MODEL
 
-from DiffSegCore.bundle import load_bundle
-from DiffSegCore.networks import build_network
+from DiffSegCore.models.bundle import load_bundle
+from DiffSegCore.networks.unet import build_network
 
 LAYOUTS = {"default": torch.contiguous_format, "channels_last_3d": torch.channels_last_3d}
 COLUMNS = [

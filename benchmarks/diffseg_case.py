@@ -1,4 +1,4 @@
-"""Measure one DiffSeg configuration through the core's own path (DiffSegCore.inference.predict_volume)."""
+"""Measure one DiffSeg configuration through the core's own path (DiffSegCore.inference.ensemble.predict_volume)."""
 
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ from benchlib import (
 )
 from monai.data.utils import dense_patch_slices
 
-from DiffSegCore import inference
-from DiffSegCore.bundle import ModelBundle, load_bundle
-from DiffSegCore.networks import build_network, network_defaults
+from DiffSegCore.inference import ensemble as inference
+from DiffSegCore.models.bundle import ModelBundle, load_bundle
+from DiffSegCore.networks.unet import build_network, network_defaults
 
 BUNDLED_MODEL = REPO / "Resources" / "Models" / "hippocampus"
 OVERLAP = 0.25  # the core's sliding-window overlap

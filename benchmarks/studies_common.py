@@ -26,14 +26,14 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from DiffSegCore.bundle import ModelBundle, load_bundle  # noqa: E402
-from DiffSegCore.cache import CachedCase, build_cache  # noqa: E402
-from DiffSegCore.datasets import find_cases, split_cases  # noqa: E402
-from DiffSegCore.evaluation import case_metrics  # noqa: E402
-from DiffSegCore.inference import SegmentSettings, predict_volume  # noqa: E402
-from DiffSegCore.inference import member_probabilities as sampled_members  # noqa: E402
-from DiffSegCore.networks import build_network  # noqa: E402
-from DiffSegCore.training import TrainConfig, read_best, train  # noqa: E402
+from DiffSegCore.evaluation.report import case_metrics  # noqa: E402
+from DiffSegCore.inference.ensemble import SegmentSettings, predict_volume  # noqa: E402
+from DiffSegCore.inference.ensemble import member_probabilities as sampled_members  # noqa: E402
+from DiffSegCore.models.bundle import ModelBundle, load_bundle  # noqa: E402
+from DiffSegCore.networks.unet import build_network  # noqa: E402
+from DiffSegCore.training.cache import CachedCase, build_cache  # noqa: E402
+from DiffSegCore.training.datasets import find_cases, split_cases  # noqa: E402
+from DiffSegCore.training.loop import TrainConfig, read_best, train  # noqa: E402
 
 DATA = Path(os.environ.get("DIFFSEG_STUDY_DATA", "/work/shared/data/hippocampus"))
 BUNDLE = REPO / "Resources" / "Models" / "hippocampus"
@@ -157,7 +157,7 @@ def cross_entropy_only():
     """
     from monai.losses import DiceCELoss
 
-    from DiffSegCore import objectives
+    from DiffSegCore.diffusion import objectives
 
     original = objectives._dice_ce
     objectives._dice_ce = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, lambda_dice=0.0)
@@ -203,7 +203,7 @@ def train_arm(
     config = TrainConfig.from_json(settings)
     resume = False
     if pretrained is not None:
-        from DiffSegCore.pretraining import start_from_pretrained
+        from DiffSegCore.training.pretraining import start_from_pretrained
 
         image_channels = cases[0].load()[0].shape[0]
         start_from_pretrained(run_dir, config, pretrained, image_channels, data.num_classes)
@@ -244,7 +244,7 @@ def default_bundle(path: Path = BUNDLE) -> ModelBundle:
 
 def score_case(labels: torch.Tensor, truth: np.ndarray, data: Data, uncertainty: torch.Tensor | None = None) -> dict:
     """Foreground Dice, HD95 (mm, NaN where a class is missing) and, given an uncertainty map, the
-    AUROC of uncertainty for errors near the structures: DiffSegCore.evaluation's MONAI metrics."""
+    AUROC of uncertainty for errors near the structures: DiffSegCore.evaluation.report's MONAI metrics."""
     labels = np.asarray(labels, dtype=np.int64)
     unc = np.zeros(labels.shape, np.float32) if uncertainty is None else np.asarray(uncertainty, dtype=np.float32)
     with warnings.catch_warnings():  # MONAI warns for each class missing from a prediction

@@ -23,8 +23,8 @@ from studies_common import (
     write_result,
 )
 
-from DiffSegCore.inference import SegmentSettings, make_plan, presegment
-from DiffSegCore.schedules import training_schedule
+from DiffSegCore.diffusion.schedules import training_schedule
+from DiffSegCore.inference.ensemble import SegmentSettings, make_plan, presegment
 
 STUDY = "study_pd_ddpm"
 SHIFT = 3  # voxels along y (anterior-posterior)

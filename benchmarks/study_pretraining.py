@@ -1,7 +1,7 @@
 """Study 6 (li2024): diffusion pretraining on unlabelled images with coordinate guidance, then
 fine-tuning with 10% and 100% of the labels, against training from scratch.
 
-The pretraining run (DiffSegCore.pretraining) denoises the training images (labels unused) with
+The pretraining run (DiffSegCore.training.pretraining) denoises the training images (labels unused) with
 global coordinate channels as the anatomical guidance, for the same number of iterations as one
 arm; every segmentation arm here has coordinate channels so the whole stem transfers.
 
@@ -25,7 +25,7 @@ from studies_common import (
     write_arms,
 )
 
-from DiffSegCore.pretraining import PretrainConfig, load_pretrained, pretrain
+from DiffSegCore.training.pretraining import PretrainConfig, load_pretrained, pretrain
 
 STUDY = "study_pretraining"
 LABEL_FRACTIONS = (0.1, 1.0)

@@ -23,8 +23,8 @@ from studies_common import (
     write_result,
 )
 
-from DiffSegCore.inference import SegmentSettings
-from DiffSegCore.schedules import training_schedule
+from DiffSegCore.diffusion.schedules import training_schedule
+from DiffSegCore.inference.ensemble import SegmentSettings
 
 STUDY = "study_steps_ensemble"
 STEPS = (1, 2, 3, 5, 10, 20)

@@ -23,9 +23,9 @@ from studies_common import (
     write_result,
 )
 
-from DiffSegCore.ensemble import reduce_members
-from DiffSegCore.inference import SegmentSettings
-from DiffSegCore.schedules import training_schedule
+from DiffSegCore.diffusion.schedules import training_schedule
+from DiffSegCore.inference.ensemble import SegmentSettings
+from DiffSegCore.inference.reduce import reduce_members
 
 STUDY = "study_uncertainty"
 ENSEMBLES = (2, 3, 5, 8)
@@ -41,7 +41,7 @@ def auroc(scores: torch.Tensor, errors: torch.Tensor) -> float:
 
 
 def analyse(members: list[torch.Tensor], truths: list[np.ndarray], n: int, data) -> dict:
-    """Voxel AUROC (pooled over whole volumes, and per case near the structures as DiffSegCore.evaluation
+    """Voxel AUROC (pooled over whole volumes, and per case near the structures as DiffSegCore.evaluation.report
     defines it) and case-level correlations, for the first n members."""
     var_all, ent_all, err_all, per_case = [], [], [], []
     for probs, truth in zip(members, truths):

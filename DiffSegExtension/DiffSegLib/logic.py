@@ -56,11 +56,11 @@ def python_executable() -> str:
 
 def model_meta(model: str) -> dict:
     """Metadata of a bundle path or registry id (the bundle must be local by now)."""
-    from DiffSegCore.bundle import read_meta
+    from DiffSegCore.models.bundle import read_meta
 
     path = Path(model)
     if not path.exists():
-        from DiffSegCore.registry import resolve_model
+        from DiffSegCore.models.registry import resolve_model
 
         path = resolve_model(model, download=False)
     return read_meta(path)
@@ -68,7 +68,7 @@ def model_meta(model: str) -> dict:
 
 def sampler_defaults(model: str) -> dict:
     """steps, ensemble and sampler a run of `model` uses when none are given (the core's own defaulting)."""
-    from DiffSegCore.inference import SegmentSettings
+    from DiffSegCore.inference.ensemble import SegmentSettings
 
     settings = SegmentSettings().with_defaults(model_meta(model))
     return {"steps": settings.steps, "ensemble": settings.ensemble, "sampler": settings.sampler}

@@ -26,7 +26,7 @@ import slicer  # noqa: E402
 from DiffSegLib import scene as bridge  # noqa: E402
 from DiffSegLib.logic import DEVICES, SAMPLERS, SegmentationLogic, sampler_defaults  # noqa: E402
 
-from DiffSegCore.volumes import VOLUME_SUFFIXES, case_name  # noqa: E402
+from DiffSegCore.io.volumes import VOLUME_SUFFIXES, case_name  # noqa: E402
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -72,7 +72,7 @@ def save_segmentation(node, path: Path) -> None:
 def fill_model_defaults(args: argparse.Namespace) -> None:
     """Steps, ensemble size and sampler not given take the model's own defaults (fetching it if asked for by id)."""
     from DiffSegCore.errors import DiffSegError
-    from DiffSegCore.registry import resolve_model
+    from DiffSegCore.models.registry import resolve_model
 
     try:
         defaults = sampler_defaults(str(resolve_model(args.model)))

@@ -52,7 +52,7 @@ def folder_entries(folder: Path) -> list[str]:
 @pytest.fixture
 def cli(capsys, monkeypatch, tmp_path):
     """Run `diffseg` in this process (the real entry point), with a private model home."""
-    from DiffSegCore.cli import main
+    from DiffSegCore.cli.main import main
 
     monkeypatch.setenv("DIFFSEG_HOME", str(tmp_path / "home"))
 

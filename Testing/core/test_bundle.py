@@ -7,8 +7,8 @@ import zipfile
 import pytest
 import torch
 
-from DiffSegCore.bundle import load_bundle, validate_bundle
 from DiffSegCore.errors import ModelError
+from DiffSegCore.models.bundle import load_bundle, validate_bundle
 from Testing.conftest import make_tiny_bundle
 
 

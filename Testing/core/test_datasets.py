@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from DiffSegCore.cache import build_cache, preprocess_case
-from DiffSegCore.datasets import find_cases, split_cases, usable_cases
 from DiffSegCore.errors import InputError
+from DiffSegCore.training.cache import build_cache, preprocess_case
+from DiffSegCore.training.datasets import find_cases, split_cases, usable_cases
 from Testing.core.conftest import write_volume
 from Testing.core.training_helpers import CASES, copy_cases
 

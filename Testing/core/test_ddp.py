@@ -12,9 +12,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from DiffSegCore.cache import CachedCase, build_cache
-from DiffSegCore.datasets import find_cases
-from DiffSegCore.training import TrainConfig, train
+from DiffSegCore.training.cache import CachedCase, build_cache
+from DiffSegCore.training.datasets import find_cases
+from DiffSegCore.training.loop import TrainConfig, train
 from Testing.core.training_helpers import copy_cases
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from DiffSegCore.diffusion import (
+from DiffSegCore.diffusion.process import (
     eps_from_x0,
     posterior_mean_from_eps,
     posterior_mean_from_x0,

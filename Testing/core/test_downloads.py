@@ -9,8 +9,8 @@ import threading
 
 import pytest
 
-from DiffSegCore.downloads import ChecksumError, DownloadError, check_url, download_file, fetch_bytes
 from DiffSegCore.errors import ModelError
+from DiffSegCore.models.downloads import ChecksumError, DownloadError, check_url, download_file, fetch_bytes
 from Testing.core.local_http import FileServer
 
 PAYLOAD = os.urandom(300_000)

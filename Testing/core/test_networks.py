@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from DiffSegCore.errors import ModelError
-from DiffSegCore.networks import build_network
+from DiffSegCore.networks.unet import build_network
 
 
 @pytest.mark.parametrize("skip", ["concat", "add", "average"])

@@ -5,12 +5,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from DiffSegCore.cache import build_cache
-from DiffSegCore.checkpoints import load_checkpoint
-from DiffSegCore.datasets import find_cases
-from DiffSegCore.networks import build_network
-from DiffSegCore.pretraining import PretrainConfig, load_pretrained, pretrain, start_from_pretrained, transfer_weights
-from DiffSegCore.training import CHECKPOINT, TrainConfig, train
+from DiffSegCore.networks.unet import build_network
+from DiffSegCore.training.cache import build_cache
+from DiffSegCore.training.checkpoints import load_checkpoint
+from DiffSegCore.training.datasets import find_cases
+from DiffSegCore.training.loop import CHECKPOINT, TrainConfig, train
+from DiffSegCore.training.pretraining import (
+    PretrainConfig,
+    load_pretrained,
+    pretrain,
+    start_from_pretrained,
+    transfer_weights,
+)
 
 SMALL = {"widths": [4, 8], "size": [16, 24, 16], "batch": 1, "iterations": 2, "warmup": 1}
 

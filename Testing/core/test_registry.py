@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from DiffSegCore import cli, registry
-from DiffSegCore.bundle import load_bundle
-from DiffSegCore.downloads import ChecksumError
+from DiffSegCore.cli import main as cli
 from DiffSegCore.errors import ModelError
+from DiffSegCore.models import registry
+from DiffSegCore.models.bundle import load_bundle
+from DiffSegCore.models.downloads import ChecksumError
 from DiffSegCore.resources import resource_path
 from Testing.conftest import make_tiny_bundle
 from Testing.core.local_http import FileServer

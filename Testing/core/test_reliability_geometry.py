@@ -7,7 +7,7 @@ import SimpleITK as sitk
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from DiffSegCore.preprocess import resample_like, resample_to_spacing
+from DiffSegCore.io.preprocess import resample_like, resample_to_spacing
 
 spacings = st.tuples(*[st.floats(0.25, 4.0, allow_nan=False)] * 3)
 sizes = st.tuples(*[st.integers(2, 12)] * 3)

@@ -13,8 +13,8 @@ import sys
 import pytest
 import torch
 
-from DiffSegCore.inference import Plan
-from DiffSegCore.networks import UNet3D
+from DiffSegCore.inference.ensemble import Plan
+from DiffSegCore.networks.unet import UNet3D
 from Testing.core.conftest import REPO, CliResult, assert_one_line_error, cli_process, folder_entries, tmpfs
 
 FAST = ("--steps", 1, "--ensemble", 1)
@@ -159,7 +159,7 @@ def test_interrupt_mid_sampling_leaves_nothing(tiny_bundle, small_case, tmp_path
 
 
 def test_interrupt_while_writing_removes_the_temporary_files(cli, tiny_bundle, small_case, tmp_path, monkeypatch):
-    import DiffSegCore.volumes as volumes
+    import DiffSegCore.io.volumes as volumes
 
     real_write, calls = volumes.sitk.WriteImage, []
 

@@ -9,8 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from DiffSegCore.checkpoints import load_checkpoint, previous_path
-from DiffSegCore.training import CHECKPOINT
+from DiffSegCore.training.checkpoints import load_checkpoint, previous_path
+from DiffSegCore.training.loop import CHECKPOINT
 from Testing.core.conftest import assert_one_line_error, cli_process, folder_entries, write_volume
 from Testing.core.training_helpers import FAST, copy_cases
 

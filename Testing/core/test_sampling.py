@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from DiffSegCore.diffusion import eps_from_x0, posterior_mean_from_x0, posterior_variance
-from DiffSegCore.ensemble import EnsembleAccumulator, reduce_members
+from DiffSegCore.diffusion.process import eps_from_x0, posterior_mean_from_x0, posterior_variance
+from DiffSegCore.diffusion.samplers import initial_state, member_generators, sample, to_diffusion_space
+from DiffSegCore.diffusion.schedules import linear_schedule, respace
 from DiffSegCore.errors import InputError
-from DiffSegCore.sampling import initial_state, member_generators, sample, to_diffusion_space
-from DiffSegCore.schedules import linear_schedule, respace
+from DiffSegCore.inference.reduce import EnsembleAccumulator, reduce_members
 
 BASE = linear_schedule(1001)
 SCHEDULE = respace(BASE, 5)

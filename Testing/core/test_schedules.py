@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
+from DiffSegCore.diffusion.schedules import cosine_schedule, linear_schedule, respace, training_schedule
 from DiffSegCore.errors import InputError
-from DiffSegCore.schedules import cosine_schedule, linear_schedule, respace, training_schedule
 
 
 def test_five_step_resampling_of_linear_1001_matches_fu2023():

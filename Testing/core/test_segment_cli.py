@@ -10,10 +10,10 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from DiffSegCore.bundle import load_bundle
-from DiffSegCore.inference import SegmentSettings, member_probabilities, predict_volume
-from DiffSegCore.preprocess import prepare_image
-from DiffSegCore.volumes import read_volume
+from DiffSegCore.inference.ensemble import SegmentSettings, member_probabilities, predict_volume
+from DiffSegCore.io.preprocess import prepare_image
+from DiffSegCore.io.volumes import read_volume
+from DiffSegCore.models.bundle import load_bundle
 
 
 def run_cli(*args, check=True):

@@ -10,8 +10,8 @@ import SimpleITK as sitk
 import torch
 from safetensors.torch import load_file
 
-from DiffSegCore.bundle import load_bundle, validate_bundle
 from DiffSegCore.errors import InputError
+from DiffSegCore.models.bundle import load_bundle, validate_bundle
 from Testing.core.training_helpers import CARD, FAST, copy_cases, run_training_command
 
 
@@ -54,7 +54,7 @@ def test_training_changed_the_weights_and_bundle_holds_the_best(trained):
     for key, value in bundle.network.state_dict().items():
         assert torch.equal(value, best[key]), key
     torch.manual_seed(0)  # the run's initial weights come from the training seed
-    from DiffSegCore.networks import build_network
+    from DiffSegCore.networks.unet import build_network
 
     initial = build_network(bundle.network.config).state_dict()
     assert any(not torch.equal(initial[k], v) for k, v in best.items())
@@ -136,7 +136,7 @@ def test_packed_presegmentation_network_drives_pd_ddpm_sampling(trained, cli, hi
 
 
 def test_half_precision_export_loads_back_as_float32(trained):
-    from DiffSegCore.export import export_bundle
+    from DiffSegCore.training.export import export_bundle
 
     run = trained / "diffusion"
     half = export_bundle(run, trained / "half", None, trained / "unet", "float16")

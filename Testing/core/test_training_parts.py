@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from DiffSegCore.cache import CachedCase
-from DiffSegCore.networks import build_network
-from DiffSegCore.objectives import diffusion_loss
-from DiffSegCore.samples import TrainingSamples, patch_centre
-from DiffSegCore.schedules import training_schedule
-from DiffSegCore.training import TrainConfig, learning_rate
+from DiffSegCore.diffusion.objectives import diffusion_loss
+from DiffSegCore.diffusion.schedules import training_schedule
+from DiffSegCore.networks.unet import build_network
+from DiffSegCore.training.cache import CachedCase
+from DiffSegCore.training.loop import TrainConfig, learning_rate
+from DiffSegCore.training.samples import TrainingSamples, patch_centre
 
 
 @pytest.fixture

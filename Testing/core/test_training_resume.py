@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from DiffSegCore.cache import build_cache
-from DiffSegCore.checkpoints import load_checkpoint
-from DiffSegCore.datasets import find_cases
-from DiffSegCore.training import CHECKPOINT, TrainConfig, train
+from DiffSegCore.training.cache import build_cache
+from DiffSegCore.training.checkpoints import load_checkpoint
+from DiffSegCore.training.datasets import find_cases
+from DiffSegCore.training.loop import CHECKPOINT, TrainConfig, train
 from Testing.core.training_helpers import copy_cases
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from DiffSegCore.cli import build_parser
+from DiffSegCore.cli.main import build_parser
 
 CARD = Path(__file__).resolve().parents[2] / "docs" / "model_cards" / "hippocampus.json"
 CASES = ["hippocampus_001", "hippocampus_003", "hippocampus_004", "hippocampus_006"]

@@ -42,8 +42,8 @@ def tiny_bundle(tmp_path_factory) -> Path:
     """An untrained but real network saved as a bundle; tests compare the Logic with the CLI on it."""
     import torch
 
-    from DiffSegCore.bundle import save_bundle
-    from DiffSegCore.networks import build_network, network_defaults
+    from DiffSegCore.models.bundle import save_bundle
+    from DiffSegCore.networks.unet import build_network, network_defaults
 
     config = {**network_defaults(), "num_classes": 3, "widths": [8, 16], "time_dim": 16}
     torch.manual_seed(0)

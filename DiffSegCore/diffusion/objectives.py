@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss
 
-from .diffusion import q_sample
-from .sampling import predict_x0, to_diffusion_space
-from .schedules import NoiseSchedule
+from DiffSegCore.diffusion.process import q_sample
+from DiffSegCore.diffusion.samplers import predict_x0, to_diffusion_space
+from DiffSegCore.diffusion.schedules import NoiseSchedule
 
 # Foreground Dice (background left out of the Dice term) plus cross-entropy over all classes.
 _dice_ce = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True)

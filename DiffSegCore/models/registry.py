@@ -31,9 +31,9 @@ import jsonschema
 import platformdirs
 from filelock import FileLock
 
-from .downloads import Progress, download_file, fetch_bytes
-from .errors import ModelError
-from .resources import resource_path
+from DiffSegCore.errors import ModelError
+from DiffSegCore.models.downloads import Progress, download_file, fetch_bytes
+from DiffSegCore.resources import resource_path
 
 HOME_ENV = "DIFFSEG_HOME"
 REGISTRY_ENV = "DIFFSEG_REGISTRY"
@@ -436,7 +436,7 @@ def _install(source: Path, record: dict, expect: tuple[str, str] | None = None, 
 
     Nothing enters <home>/models/<id>/<version> unless it passed every check.
     """
-    from .bundle import validate_bundle  # torch is needed only here
+    from DiffSegCore.models.bundle import validate_bundle  # torch is needed only here
 
     cache = cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
@@ -479,7 +479,7 @@ def import_model(path: str | Path, replace: bool = False) -> str:
     if not source.exists():
         raise ModelError(f"{source} does not exist; pass a bundle folder or .zip")
     registry = _load_registry()
-    from .bundle import read_meta  # torch is needed only here
+    from DiffSegCore.models.bundle import read_meta  # torch is needed only here
 
     meta = read_meta(source)
     entry = registry.models.get(meta["id"])

@@ -19,8 +19,8 @@ from filelock import FileLock
 from tqdm import tqdm
 from urllib3.exceptions import ReadTimeoutError
 
-from . import __version__
-from .errors import ModelError
+from DiffSegCore import __version__
+from DiffSegCore.errors import ModelError
 
 Progress = Callable[[int, int | None], None]
 """Called with (bytes on disk, expected total or None) as a download advances."""

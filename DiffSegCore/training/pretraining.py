@@ -20,14 +20,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
-from .cache import CachedCase
-from .checkpoints import save_checkpoint
-from .diffusion import q_sample
-from .errors import ModelError
-from .networks import UNet3D, build_network
-from .samples import TrainingSamples
-from .schedules import training_schedule
-from .training import CHECKPOINT, RunState, TrainConfig, learning_rate, step_generator, training_size
+from DiffSegCore.diffusion.process import q_sample
+from DiffSegCore.diffusion.schedules import training_schedule
+from DiffSegCore.errors import ModelError
+from DiffSegCore.networks.unet import UNet3D, build_network
+from DiffSegCore.training.cache import CachedCase
+from DiffSegCore.training.checkpoints import save_checkpoint
+from DiffSegCore.training.loop import CHECKPOINT, RunState, TrainConfig, learning_rate, step_generator, training_size
+from DiffSegCore.training.samples import TrainingSamples
 
 WEIGHTS = "pretrained.safetensors"
 

@@ -20,7 +20,7 @@ from monai.transforms import (
 )
 from torch.utils.data import Dataset
 
-from .cache import CachedCase
+from DiffSegCore.training.cache import CachedCase
 
 
 def augmentation(enabled: bool = True, affine_prob: float = 0.5) -> Compose:
@@ -50,7 +50,7 @@ def augmentation(enabled: bool = True, affine_prob: float = 0.5) -> Compose:
 def coordinates(shape: tuple[int, ...]) -> torch.Tensor:
     """Global coordinate channels of a whole volume (bieder2023); imported lazily because
     preprocess pulls in SimpleITK, which a run from a finished cache does not need."""
-    from .preprocess import coordinate_channels
+    from DiffSegCore.io.preprocess import coordinate_channels
 
     return coordinate_channels(tuple(shape))
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from DiffSegCore.errors import InputError
 
 CACHE_VERSION = 1
 
@@ -57,7 +57,7 @@ def case_key(case, spec: dict) -> str:
 def _read_channels(case) -> list:
     import SimpleITK as sitk
 
-    from .volumes import read_channels, read_image
+    from DiffSegCore.io.volumes import read_channels, read_image
 
     if case.channels > 1 and len(case.images) == 1:
         # MSD stores the modalities of a case as the 4th axis of one file.
@@ -72,7 +72,7 @@ def _read_channels(case) -> list:
 def _label_array(label_image, reference, case_name: str) -> np.ndarray:
     import SimpleITK as sitk
 
-    from .preprocess import resample_to_spacing
+    from DiffSegCore.io.preprocess import resample_to_spacing
 
     label = resample_to_spacing(label_image, list(reference.GetSpacing()), is_label=True)
     values = sitk.GetArrayFromImage(label)
@@ -87,8 +87,8 @@ def _label_array(label_image, reference, case_name: str) -> np.ndarray:
 
 def preprocess_case(case, meta: dict) -> tuple[np.ndarray, np.ndarray]:
     """Read a case and bring it to the model spec: (image (C, z, y, x) float32, label uint8)."""
-    from .preprocess import prepare_image
-    from .volumes import read_volume
+    from DiffSegCore.io.preprocess import prepare_image
+    from DiffSegCore.io.volumes import read_volume
 
     image, grid = prepare_image(_read_channels(case), meta)
     return image.numpy(), _label_array(read_volume(case.label), grid, case.name)

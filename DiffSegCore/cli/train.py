@@ -8,7 +8,7 @@ import os
 import shlex
 from pathlib import Path
 
-from .errors import InputError
+from DiffSegCore.errors import InputError
 
 SPLIT_FILE = "split.json"
 CASES_FILE = "cases.json"
@@ -29,7 +29,7 @@ def _command_line(args: argparse.Namespace) -> str:
 
 
 def _add_train_parser(subparsers) -> None:
-    from .training import TrainConfig
+    from DiffSegCore.training.loop import TrainConfig
 
     d = TrainConfig()
     p = subparsers.add_parser("train", help="train a diffusion model (or the pre-segmentation U-Net) and bundle it")
@@ -85,7 +85,7 @@ def _add_train_parser(subparsers) -> None:
 
 
 def _config(args):
-    from .training import TrainConfig
+    from DiffSegCore.training.loop import TrainConfig
 
     return TrainConfig(
         kind=args.kind,
@@ -136,8 +136,8 @@ def _spec(args, channel_count: int) -> dict:
 
 def prepare_run(args, run_dir: Path, card: dict | None) -> dict:
     """Find, check, split and cache the data; write split.json, cases.json and data.json."""
-    from .cache import build_cache, write_index
-    from .datasets import find_cases, split_cases, usable_cases
+    from DiffSegCore.training.cache import build_cache, write_index
+    from DiffSegCore.training.datasets import find_cases, split_cases, usable_cases
 
     if not args.data:
         raise InputError("--data is needed for a new run (only --resume reads the data from the run folder)")
@@ -184,9 +184,9 @@ def prepare_run(args, run_dir: Path, card: dict | None) -> dict:
 def run_train(args: argparse.Namespace) -> int:
     import torch
 
-    from .cache import read_index
-    from .export import export_bundle
-    from .training import CONFIG, TrainConfig, train
+    from DiffSegCore.training.cache import read_index
+    from DiffSegCore.training.export import export_bundle
+    from DiffSegCore.training.loop import CONFIG, TrainConfig, train
 
     torch.set_num_threads(args.threads)
     run_dir = Path(args.output)
@@ -251,8 +251,8 @@ def _add_evaluate_parser(subparsers) -> None:
 def _validation_cases(split: str, model: str) -> set[str]:
     """The validation cases of a split.json, or with `model` those the bundle's metadata says it held out."""
     if split == "model":
-        from .bundle import read_meta
-        from .registry import resolve_model
+        from DiffSegCore.models.bundle import read_meta
+        from DiffSegCore.models.registry import resolve_model
 
         held_out = read_meta(resolve_model(model)).get("training", {}).get("split", {}).get("validation")
         if not held_out:
@@ -265,7 +265,7 @@ def _validation_cases(split: str, model: str) -> set[str]:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from .evaluation import evaluate, format_table, record_metrics
+    from DiffSegCore.evaluation.report import evaluate, format_table, record_metrics
 
     if args.threads:
         import torch

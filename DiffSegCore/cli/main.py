@@ -11,12 +11,12 @@ import traceback
 from collections import defaultdict
 from pathlib import Path
 
-from . import __version__
-from .errors import DiffSegError, InputError
-from .models_cli import add_models_parser
-from .progress import Progress
-from .train_cli import add_training_parsers
-from .volumes import case_name, is_volume_file
+from DiffSegCore import __version__
+from DiffSegCore.cli.models import add_models_parser
+from DiffSegCore.cli.train import add_training_parsers
+from DiffSegCore.errors import DiffSegError, InputError
+from DiffSegCore.io.volumes import case_name, is_volume_file
+from DiffSegCore.progress import Progress
 
 DEFAULT_MODEL = "hippocampus-recycling-x0"
 
@@ -41,9 +41,9 @@ def collect_cases(inputs: list[str]) -> dict[str, list[Path]]:
 def load_model(ref: str, device: str, progress: Progress):
     """A bundle path, or a registry id resolved (and downloaded on first use, with progress)."""
     # torch-heavy modules load here so that `diffseg models ...` starts fast.
-    from .bundle import load_bundle
-    from .inference import resolve_device
-    from .registry import resolve_model
+    from DiffSegCore.inference.ensemble import resolve_device
+    from DiffSegCore.models.bundle import load_bundle
+    from DiffSegCore.models.registry import resolve_model
 
     def on_bytes(done: int, total: int | None) -> None:
         progress.report("load", f"downloading {ref}: {done / 2**20:.1f} MiB", within=(done / total) if total else 0.0)
@@ -87,8 +87,8 @@ def _add_segment_parser(subparsers) -> None:
 
 
 def run_segment(args: argparse.Namespace) -> int:
-    from .inference import SegmentSettings
-    from .segment import OutputOptions, segment_case
+    from DiffSegCore.inference.ensemble import SegmentSettings
+    from DiffSegCore.inference.pipeline import OutputOptions, segment_case
 
     cases = collect_cases(args.inputs)
     progress = Progress(args.progress, len(cases))

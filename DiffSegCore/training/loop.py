@@ -26,14 +26,14 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .cache import CachedCase
-from .checkpoints import load_checkpoint, save_checkpoint
-from .errors import InputError
-from .networks import build_network
-from .objectives import diffusion_loss, segmentation_loss
-from .samples import TrainingSamples, coordinates
-from .sampling import member_generators, sample, start_noise
-from .schedules import respace, training_schedule
+from DiffSegCore.diffusion.objectives import diffusion_loss, segmentation_loss
+from DiffSegCore.diffusion.samplers import member_generators, sample, start_noise
+from DiffSegCore.diffusion.schedules import respace, training_schedule
+from DiffSegCore.errors import InputError
+from DiffSegCore.networks.unet import build_network
+from DiffSegCore.training.cache import CachedCase
+from DiffSegCore.training.checkpoints import load_checkpoint, save_checkpoint
+from DiffSegCore.training.samples import TrainingSamples, coordinates
 
 CHECKPOINT = "checkpoint.safetensors"
 BEST = "best.safetensors"

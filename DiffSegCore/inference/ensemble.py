@@ -9,14 +9,14 @@ from dataclasses import dataclass, fields, replace
 import torch
 from monai.inferers import sliding_window_inference
 
-from .bundle import ModelBundle
-from .ensemble import EnsembleAccumulator, EnsembleResult
-from .errors import InputError, RuntimeFault
-from .networks import UNet3D
-from .preprocess import coordinate_channels
-from .progress import Progress
-from .sampling import initial_state, member_generators, sample, to_diffusion_space
-from .schedules import respace, training_schedule
+from DiffSegCore.diffusion.samplers import initial_state, member_generators, sample, to_diffusion_space
+from DiffSegCore.diffusion.schedules import respace, training_schedule
+from DiffSegCore.errors import InputError, RuntimeFault
+from DiffSegCore.inference.reduce import EnsembleAccumulator, EnsembleResult
+from DiffSegCore.io.preprocess import coordinate_channels
+from DiffSegCore.models.bundle import ModelBundle
+from DiffSegCore.networks.unet import UNet3D
+from DiffSegCore.progress import Progress
 
 MEMORY_FRACTION = 0.6  # share of free memory a run may plan to use
 DEFAULT_WINDOW = (96, 96, 96)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from . import registry
-from .registry import ModelInfo, ModelVersion
+from DiffSegCore.models import registry
+from DiffSegCore.models.registry import ModelInfo, ModelVersion
 
 
 def add_models_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

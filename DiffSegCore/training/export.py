@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from .bundle import save_bundle
-from .errors import InputError
-from .training import TrainConfig, read_best
+from DiffSegCore.errors import InputError
+from DiffSegCore.models.bundle import save_bundle
+from DiffSegCore.training.loop import TrainConfig, read_best
 
 DATA_FILE = "data.json"
 WEIGHT_DTYPES = {"float32": torch.float32, "float16": torch.float16}

@@ -13,8 +13,8 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import InputError
-from .volumes import VOLUME_SUFFIXES, case_name
+from DiffSegCore.errors import InputError
+from DiffSegCore.io.volumes import VOLUME_SUFFIXES, case_name
 
 
 @dataclass(frozen=True)

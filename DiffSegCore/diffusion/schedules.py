@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import InputError
+from DiffSegCore.errors import InputError
 
 
 @dataclass(frozen=True)

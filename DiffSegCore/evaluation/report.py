@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_roc_auc
 
-from .errors import InputError, ModelError
-from .volumes import case_name, is_volume_file
+from DiffSegCore.errors import InputError, ModelError
+from DiffSegCore.io.volumes import case_name, is_volume_file
 
 NEAR_STRUCTURE_MM = 3.0  # AUROC region: union of truth and prediction, dilated by this much
 
@@ -73,11 +73,11 @@ def evaluate(args, only: set[str] | None = None) -> dict:
     """Segment every labelled case with the model and the sampler options in `args`."""
     import SimpleITK as sitk
 
-    from .cli import collect_cases, load_model
-    from .inference import SegmentSettings, predict_volume
-    from .preprocess import prepare_image, resample_like
-    from .progress import Progress
-    from .volumes import from_array, read_channels, read_volume, to_array
+    from DiffSegCore.cli.main import collect_cases, load_model
+    from DiffSegCore.inference.ensemble import SegmentSettings, predict_volume
+    from DiffSegCore.io.preprocess import prepare_image, resample_like
+    from DiffSegCore.io.volumes import from_array, read_channels, read_volume, to_array
+    from DiffSegCore.progress import Progress
 
     bundle = load_model(args.model, args.device, Progress("none"))
     settings = SegmentSettings.from_args(args).with_defaults(bundle.meta)

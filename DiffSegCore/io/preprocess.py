@@ -6,8 +6,8 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .errors import InputError, ModelError
-from .volumes import to_array
+from DiffSegCore.errors import InputError, ModelError
+from DiffSegCore.io.volumes import to_array
 
 
 def needs_resampling(image: sitk.Image, spacing: list[float] | None) -> bool:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError, RuntimeFault
+from DiffSegCore.errors import InputError, RuntimeFault
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 CHANNEL_SUFFIX = re.compile(r"_(\d{4})$")

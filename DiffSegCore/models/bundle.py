@@ -18,8 +18,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 
-from .errors import ModelError
-from .networks import UNet3D, build_network
+from DiffSegCore.errors import ModelError
+from DiffSegCore.networks.unet import UNet3D, build_network
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.json"

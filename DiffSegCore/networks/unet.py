@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ModelError
+from DiffSegCore.errors import ModelError
 
 SKIP_MODES = ("concat", "add", "average")
 

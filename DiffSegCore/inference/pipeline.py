@@ -16,13 +16,13 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .bundle import ModelBundle
-from .errors import InputError, RuntimeFault
-from .inference import SegmentSettings, predict_volume, resolve_device
-from .preprocess import intensity_warnings, prepare_image, resample_like, resample_to_spacing
-from .preview import write_preview
-from .progress import Progress
-from .volumes import from_array, read_channels, read_volume, same_geometry, to_array, write_image_atomic
+from DiffSegCore.errors import InputError, RuntimeFault
+from DiffSegCore.inference.ensemble import SegmentSettings, predict_volume, resolve_device
+from DiffSegCore.io.preprocess import intensity_warnings, prepare_image, resample_like, resample_to_spacing
+from DiffSegCore.io.preview import write_preview
+from DiffSegCore.io.volumes import from_array, read_channels, read_volume, same_geometry, to_array, write_image_atomic
+from DiffSegCore.models.bundle import ModelBundle
+from DiffSegCore.progress import Progress
 
 
 @dataclass

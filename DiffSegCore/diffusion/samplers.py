@@ -10,9 +10,9 @@ from collections.abc import Callable
 
 import torch
 
-from .diffusion import eps_from_x0, posterior_mean_from_x0, posterior_variance, q_sample, x0_from_eps
-from .errors import InputError
-from .schedules import NoiseSchedule
+from DiffSegCore.diffusion.process import eps_from_x0, posterior_mean_from_x0, posterior_variance, q_sample, x0_from_eps
+from DiffSegCore.diffusion.schedules import NoiseSchedule
+from DiffSegCore.errors import InputError
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 SAMPLERS = ("ddpm", "ddim")
