@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from DiffSegCore.evaluation.report import case_metrics  # noqa: E402
+from DiffSegCore.evaluation.metrics import case_metrics  # noqa: E402
 from DiffSegCore.inference.ensemble import SegmentSettings, predict_volume  # noqa: E402
 from DiffSegCore.inference.ensemble import member_probabilities as sampled_members  # noqa: E402
 from DiffSegCore.models.bundle import ModelBundle, load_bundle  # noqa: E402

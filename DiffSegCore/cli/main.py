@@ -8,34 +8,16 @@ import signal
 import sys
 import threading
 import traceback
-from collections import defaultdict
 from pathlib import Path
 
 from DiffSegCore import __version__
 from DiffSegCore.cli.models import add_models_parser
 from DiffSegCore.cli.train import add_training_parsers
 from DiffSegCore.errors import DiffSegError, InputError
-from DiffSegCore.io.volumes import case_name, is_volume_file
+from DiffSegCore.io.cases import collect_cases
 from DiffSegCore.progress import Progress
 
 DEFAULT_MODEL = "hippocampus-recycling-x0"
-
-
-def collect_cases(inputs: list[str]) -> dict[str, list[Path]]:
-    """Group inputs into cases: files by case name (nnU-Net `_0000` channels), DICOM folders whole."""
-    cases: dict[str, list[Path]] = defaultdict(list)
-    for item in map(Path, inputs):
-        if not item.exists():
-            raise InputError(f"input not found: {item}; check the path")
-        if item.is_dir():
-            files = sorted(p for p in item.iterdir() if is_volume_file(p))
-            if not files:
-                cases[item.name].append(item)  # a DICOM series folder
-            for path in files:
-                cases[case_name(path)].append(path)
-        else:
-            cases[case_name(item)].append(item)
-    return {name: sorted(paths, key=lambda p: p.name) for name, paths in cases.items()}
 
 
 def load_model(ref: str, device: str, progress: Progress):

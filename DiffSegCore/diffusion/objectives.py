@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss
 
+from DiffSegCore.diffusion.masks import predict_x0, to_diffusion_space, x0_to_probabilities
 from DiffSegCore.diffusion.process import q_sample
-from DiffSegCore.diffusion.samplers import predict_x0, to_diffusion_space
 from DiffSegCore.diffusion.schedules import NoiseSchedule
 
 # Foreground Dice (background left out of the Dice term) plus cross-entropy over all classes.
@@ -29,8 +29,7 @@ def probability_loss(x0: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
 
     MONAI's CE takes logits, so the log of the probabilities is passed: softmax(log p) = p.
     """
-    probs = ((x0.float().clamp(-1, 1) + 1) / 2).clamp_min(1e-6)
-    probs = probs / probs.sum(dim=1, keepdim=True)
+    probs = x0_to_probabilities(x0.float().clamp(-1, 1))
     dice = _dice_ce_probs.dice(probs, label)
     ce = F.nll_loss(probs.log(), label[:, 0].long())
     return dice + ce

@@ -10,32 +10,13 @@ from collections.abc import Callable
 
 import torch
 
-from DiffSegCore.diffusion.process import eps_from_x0, posterior_mean_from_x0, posterior_variance, q_sample, x0_from_eps
+from DiffSegCore.diffusion.masks import PREDICTIONS, predict_x0, x0_to_probabilities
+from DiffSegCore.diffusion.process import eps_from_x0, posterior_mean_from_x0, posterior_variance, q_sample
 from DiffSegCore.diffusion.schedules import NoiseSchedule
 from DiffSegCore.errors import InputError
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 SAMPLERS = ("ddpm", "ddim")
-PREDICTIONS = ("x0", "eps")
-
-
-def to_diffusion_space(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Label map (B, *S) -> one-hot * 2 - 1, shape (B, num_classes, *S)."""
-    one_hot = torch.nn.functional.one_hot(labels.long(), num_classes).movedim(-1, 1)
-    return one_hot.float() * 2 - 1
-
-
-def predict_x0(output: torch.Tensor, x_t: torch.Tensor, alpha_bar: float, prediction: str) -> torch.Tensor:
-    """The network's estimate of x0 in [-1, 1] from its raw output."""
-    if prediction == "x0":
-        return torch.softmax(output.float(), dim=1) * 2 - 1
-    return x0_from_eps(x_t, output.float(), alpha_bar).clamp(-1, 1)
-
-
-def x0_to_probabilities(x0: torch.Tensor) -> torch.Tensor:
-    """Map x0 in [-1, 1] back to class probabilities summing to one per voxel."""
-    p = ((x0 + 1) / 2).clamp_min(1e-6)
-    return p / p.sum(dim=1, keepdim=True)
 
 
 def member_generators(seed: int, first: int, count: int) -> list[torch.Generator]:

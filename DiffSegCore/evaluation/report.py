@@ -9,59 +9,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from monai.metrics import compute_dice, compute_hausdorff_distance, compute_roc_auc
 
 from DiffSegCore.errors import InputError, ModelError
-from DiffSegCore.io.volumes import case_name, is_volume_file
-
-NEAR_STRUCTURE_MM = 3.0  # AUROC region: union of truth and prediction, dilated by this much
-
-
-def _one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    return F.one_hot(labels.long(), num_classes).movedim(-1, 0)[None].float()
-
-
-def _finite(value: float) -> float | None:
-    return float(value) if math.isfinite(value) else None
-
-
-def _near_structures(truth: np.ndarray, labels: np.ndarray, spacing_zyx: tuple[float, ...]) -> torch.Tensor:
-    """Foreground of truth or prediction, dilated by NEAR_STRUCTURE_MM (max-pooling is a binary dilation
-    with a box; MONAI has no plain binary dilation)."""
-    union = torch.from_numpy((truth > 0) | (labels > 0)).float()[None, None]
-    radius = [max(1, round(NEAR_STRUCTURE_MM / s)) for s in spacing_zyx]
-    padded = F.pad(union, [r for r in reversed(radius) for _ in (0, 1)])
-    dilated = F.max_pool3d(padded, [2 * r + 1 for r in radius], stride=1)
-    return dilated[0, 0] > 0
-
-
-def case_metrics(labels: np.ndarray, truth: np.ndarray, uncertainty: np.ndarray, num_classes: int, spacing_zyx) -> dict:
-    """Per-class Dice and HD95 (mm), and the AUROC of uncertainty for errors near the structures."""
-    pred_t, truth_t = torch.from_numpy(labels), torch.from_numpy(truth)
-    pred_1h, truth_1h = _one_hot(pred_t, num_classes), _one_hot(truth_t, num_classes)
-    dice = compute_dice(pred_1h, truth_1h, include_background=False, ignore_empty=False)[0]
-    hd95 = compute_hausdorff_distance(
-        pred_1h, truth_1h, include_background=False, percentile=95, spacing=list(spacing_zyx)
-    )[0]
-    region = _near_structures(truth, labels, spacing_zyx)
-    errors = (pred_t != truth_t)[region].float()
-    auroc = None
-    if 0 < float(errors.sum()) < errors.numel():
-        auroc = float(compute_roc_auc(torch.from_numpy(uncertainty)[region].float(), errors))
-    return {
-        "dice": [float(v) for v in dice],
-        "hd95_mm": [_finite(float(v)) for v in hd95],
-        "uncertainty_auroc": auroc,
-        "error_voxels_near_structures": int(errors.sum()),
-    }
+from DiffSegCore.evaluation.metrics import case_metrics
+from DiffSegCore.io.cases import collect_cases, group_by_case, volume_files
 
 
 def _label_files(folder: Path) -> dict[str, Path]:
     if not folder.is_dir():
         raise InputError(f"label folder not found: {folder}")
-    return {case_name(p): p for p in sorted(folder.iterdir()) if is_volume_file(p) and not p.name.startswith(".")}
+    return {name: files[0] for name, files in group_by_case(volume_files(folder)).items()}
 
 
 def _mean(values: list) -> float | None:
@@ -73,7 +30,7 @@ def evaluate(args, only: set[str] | None = None) -> dict:
     """Segment every labelled case with the model and the sampler options in `args`."""
     import SimpleITK as sitk
 
-    from DiffSegCore.cli.main import collect_cases, load_model
+    from DiffSegCore.cli.main import load_model
     from DiffSegCore.inference.ensemble import SegmentSettings, predict_volume
     from DiffSegCore.io.preprocess import prepare_image, resample_like
     from DiffSegCore.io.volumes import from_array, read_channels, read_volume, to_array

@@ -9,7 +9,8 @@ from dataclasses import dataclass, fields, replace
 import torch
 from monai.inferers import sliding_window_inference
 
-from DiffSegCore.diffusion.samplers import initial_state, member_generators, sample, to_diffusion_space
+from DiffSegCore.diffusion.masks import to_diffusion_space
+from DiffSegCore.diffusion.samplers import initial_state, member_generators, sample
 from DiffSegCore.diffusion.schedules import respace, training_schedule
 from DiffSegCore.errors import InputError, RuntimeFault
 from DiffSegCore.inference.reduce import EnsembleAccumulator, EnsembleResult

@@ -16,24 +16,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from DiffSegCore.errors import InputError, RuntimeFault
+from DiffSegCore.io.cases import VOLUME_SUFFIXES
 
-VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
-CHANNEL_SUFFIX = re.compile(r"_(\d{4})$")
 NIFTI2_HEADER = 540
-
-
-def case_name(path: str | Path) -> str:
-    """File name without volume extension and without an nnU-Net `_0000` channel suffix."""
-    name = Path(path).name
-    for suffix in VOLUME_SUFFIXES:
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return CHANNEL_SUFFIX.sub("", name)
-
-
-def is_volume_file(path: Path) -> bool:
-    return path.is_file() and path.name.lower().endswith(VOLUME_SUFFIXES)
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from DiffSegCore.errors import InputError
-from DiffSegCore.io.volumes import VOLUME_SUFFIXES, case_name
+from DiffSegCore.io.cases import case_name, group_by_case, volume_files
 
 
 @dataclass(frozen=True)
@@ -45,13 +45,6 @@ class Dataset:
     labels: dict[int, str] = field(default_factory=dict)
 
 
-def _volume_files(folder: Path) -> list[Path]:
-    # macOS copies of MSD archives carry "._" resource files that look like volumes.
-    return sorted(
-        p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.name.endswith(VOLUME_SUFFIXES)
-    )
-
-
 def _dataset_json(folder: Path) -> dict:
     path = folder / "dataset.json"
     if not path.exists():
@@ -80,12 +73,10 @@ def _from_folder(folder: Path) -> Dataset:
     if not images_dir.is_dir():
         raise InputError(f"{folder} has no imagesTr/ folder; pass an MSD/nnU-Net dataset folder or a JSON/CSV list")
     channel_names, labels = _declared(_dataset_json(folder))
-    groups: dict[str, list[Path]] = {}
-    for path in _volume_files(images_dir):
-        groups.setdefault(case_name(path), []).append(path)
-    label_files = {case_name(p): p for p in _volume_files(labels_dir)} if labels_dir.is_dir() else {}
+    groups = group_by_case(volume_files(images_dir))
+    label_files = {name: files[0] for name, files in group_by_case(volume_files(labels_dir)).items()} if labels_dir.is_dir() else {}
     cases = []
-    for name, files in sorted(groups.items()):
+    for name, files in groups.items():
         # MSD keeps all modalities in one 4D file; nnU-Net gives one file per channel (_0000, _0001, ...).
         channels = len(channel_names) if len(files) == 1 and len(channel_names) > 1 else len(files)
         cases.append(Case(name, tuple(sorted(files)), label_files.get(name), channels))

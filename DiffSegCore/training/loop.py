@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from monai.metrics import compute_dice
 from safetensors.torch import load_file, save_file
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
@@ -30,6 +29,7 @@ from DiffSegCore.diffusion.objectives import diffusion_loss, segmentation_loss
 from DiffSegCore.diffusion.samplers import member_generators, sample, start_noise
 from DiffSegCore.diffusion.schedules import respace, training_schedule
 from DiffSegCore.errors import InputError
+from DiffSegCore.evaluation.metrics import dice_per_class
 from DiffSegCore.networks.unet import build_network
 from DiffSegCore.training.cache import CachedCase
 from DiffSegCore.training.checkpoints import load_checkpoint, save_checkpoint
@@ -187,13 +187,6 @@ def predict_labels(network, image: torch.Tensor, config: TrainConfig, seed: int 
 
         probs = sample(denoise, schedule, x, prediction=config.prediction, sampler="ddim", generators=generators)
     return probs[0].argmax(0).cpu()
-
-
-def dice_per_class(labels: torch.Tensor, truth: torch.Tensor, num_classes: int) -> list[float]:
-    """Foreground Dice per class (NaN where a class is absent from both) with MONAI's metric."""
-    one_hot = [torch.nn.functional.one_hot(x.long(), num_classes).movedim(-1, 0)[None] for x in (labels, truth)]
-    scores = compute_dice(one_hot[0], one_hot[1], include_background=False, ignore_empty=False)
-    return [float(v) for v in scores[0]]
 
 
 def validate(network, cases: list[CachedCase], config: TrainConfig, num_classes: int) -> dict:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 MODULE_DIR = Path(__file__).resolve().parent.parent
@@ -26,7 +25,7 @@ import slicer  # noqa: E402
 from DiffSegLib import scene as bridge  # noqa: E402
 from DiffSegLib.logic import DEVICES, SAMPLERS, SegmentationLogic, sampler_defaults  # noqa: E402
 
-from DiffSegCore.io.volumes import VOLUME_SUFFIXES, case_name  # noqa: E402
+from DiffSegCore.io.cases import VOLUME_SUFFIXES, group_by_case, volume_files  # noqa: E402
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -43,15 +42,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save-members", action="store_true", help="also save one .seg.nrrd per ensemble member")
     return parser.parse_args(argv)
-
-
-def find_cases(folder: Path) -> dict[str, list[Path]]:
-    """Volume files grouped by case name, channels in file-name order."""
-    cases: dict[str, list[Path]] = defaultdict(list)
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and path.name.lower().endswith(VOLUME_SUFFIXES):
-            cases[case_name(path)].append(path)
-    return dict(cases)
 
 
 def open_scene():
@@ -87,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.input.is_dir():
         print(f"error: input folder {args.input} does not exist", file=sys.stderr)
         return 2
-    cases = find_cases(args.input)
+    cases = group_by_case(volume_files(args.input))
     if not cases:
         print(f"error: no volumes ({', '.join(VOLUME_SUFFIXES)}) in {args.input}", file=sys.stderr)
         return 2

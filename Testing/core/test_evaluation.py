@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from DiffSegCore.errors import InputError
-from DiffSegCore.evaluation.report import case_metrics
+from DiffSegCore.evaluation.metrics import case_metrics
 from Testing.core.training_helpers import CASES, copy_cases, run_training_command
 
 

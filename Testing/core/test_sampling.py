@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+from DiffSegCore.diffusion.masks import to_diffusion_space
 from DiffSegCore.diffusion.process import eps_from_x0, posterior_mean_from_x0, posterior_variance
-from DiffSegCore.diffusion.samplers import initial_state, member_generators, sample, to_diffusion_space
+from DiffSegCore.diffusion.samplers import initial_state, member_generators, sample
 from DiffSegCore.diffusion.schedules import linear_schedule, respace
 from DiffSegCore.errors import InputError
 from DiffSegCore.inference.reduce import EnsembleAccumulator, reduce_members

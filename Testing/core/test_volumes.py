@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from DiffSegCore.cli.main import collect_cases
-from DiffSegCore.io.volumes import case_name, read_volume
+from DiffSegCore.io.cases import case_name, collect_cases
+from DiffSegCore.io.volumes import read_volume
 
 
 @pytest.mark.parametrize("suffix", [".nrrd", ".mha", ".nii"])
