@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from typing import TextIO
 
 from tqdm import tqdm
 
-# Share of one case's work per stage; sampling dominates.
-STAGE_WEIGHTS = {"load": 0.03, "preprocess": 0.03, "preseg": 0.04, "sample": 0.85, "reduce": 0.02, "write": 0.03}
+from DiffSegCore.events import CASE_STAGES, DONE, ERROR, NOTE, STAGES, done_event, encode
 
 
-class Progress:
-    """Reports (stage, step, member, fraction, message) for a run over several cases."""
+class RunProgress:
+    """Reports (stage, step, member, fraction, message) for a run over several cases (events.py)."""
 
     def __init__(self, mode: str = "text", cases: int = 1, stream: TextIO | None = None):
         self.mode = mode
@@ -40,7 +38,8 @@ class Progress:
     def fraction(self, stage: str, within: float = 0.0) -> float:
         """Fraction of the whole run done once `stage` of the current case is `within` done."""
         done = 0.0
-        for name, weight in STAGE_WEIGHTS.items():
+        for name in CASE_STAGES:
+            weight = STAGES[name][1]
             if name == stage:
                 done += weight * min(max(within, 0.0), 1.0)
                 break
@@ -58,9 +57,9 @@ class Progress:
         within: float = 0.0,
         **extra,
     ) -> None:
-        fraction = 1.0 if stage == "done" else self.fraction(stage, within) if stage in STAGE_WEIGHTS else None
+        fraction = 1.0 if stage == DONE else self.fraction(stage, within) if stage in CASE_STAGES else None
         if self.mode == "json":
-            record = {
+            self._write({
                 "stage": stage,
                 "case": self.case,
                 "step": step,
@@ -71,14 +70,12 @@ class Progress:
                 "message": message,
                 "elapsed": round(time.monotonic() - self.started, 3),
                 **extra,
-            }
-            self.stream.write(json.dumps(record) + "\n")
-            self.stream.flush()
+            })
         elif self.bar is not None:
             if fraction is not None:
                 self.bar.n = round(fraction * 100)
             self.bar.set_description_str(f"{self.case} {stage}"[:40].ljust(28), refresh=False)
-            if stage in ("done", "error"):
+            if stage in (DONE, ERROR):
                 self.bar.close()  # draws the final state once
             else:
                 self.bar.refresh()
@@ -91,6 +88,17 @@ class Progress:
     def note(self, message: str) -> None:
         """A message for the user (warnings, fallbacks) that does not move the bar."""
         if self.mode == "json":
-            self.report("note", message)
+            self.report(NOTE, message)
         elif self.mode == "text":
             tqdm.write(message, file=sys.stderr)
+
+    def finish(self, outputs: dict[str, dict[str, str]], settings: dict[str, dict], message: str) -> None:
+        """The final event: each case's output paths and the settings that ran (events.done_event)."""
+        if self.mode == "json":
+            self._write({**done_event(outputs, settings, message), "elapsed": round(time.monotonic() - self.started, 3)})
+        elif self.bar is not None:
+            self.report(DONE, message)
+
+    def _write(self, event: dict) -> None:
+        self.stream.write(encode(event) + "\n")
+        self.stream.flush()

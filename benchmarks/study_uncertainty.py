@@ -25,7 +25,7 @@ from studies_common import (
 
 from DiffSegCore.diffusion.schedules import training_schedule
 from DiffSegCore.inference.ensemble import SegmentSettings
-from DiffSegCore.inference.reduce import reduce_members
+from DiffSegCore.inference.ensemble import reduce_members
 
 STUDY = "study_uncertainty"
 ENSEMBLES = (2, 3, 5, 8)

@@ -1,34 +1,20 @@
-"""`diffseg train` and `diffseg evaluate`: argument parsing and the run-folder bookkeeping."""
+"""`diffseg train`: argument parsing and the run-folder bookkeeping."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import shlex
 from pathlib import Path
 
+from DiffSegCore.cli.records import command_line, write_json
 from DiffSegCore.errors import InputError
 
 SPLIT_FILE = "split.json"
 CASES_FILE = "cases.json"
 
 
-def _command_line(args: argparse.Namespace) -> str:
-    """The command that reproduces these arguments (options left at their default are omitted)."""
-    parts = ["diffseg", args.command]
-    for action in args.parser._actions:  # argparse keeps no public list of a parser's options
-        value = getattr(args, action.dest, None)
-        if not action.option_strings or action.dest == "help" or value == action.default:
-            continue
-        if action.nargs == 0:
-            parts.append(action.option_strings[0])
-        else:
-            parts += [action.option_strings[0], *map(str, value if isinstance(value, list) else [value])]
-    return shlex.join(parts)
-
-
-def _add_train_parser(subparsers) -> None:
+def add_train_parser(subparsers) -> None:
     from DiffSegCore.training.loop import TrainConfig
 
     d = TrainConfig()
@@ -119,12 +105,6 @@ def _config(args):
     )
 
 
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 def _spec(args, channel_count: int) -> dict:
     normalisation = {"kind": args.normalisation}
     if args.normalisation == "window_zscore":
@@ -157,7 +137,7 @@ def prepare_run(args, run_dir: Path, card: dict | None) -> dict:
     model_spec = {"channels": [{"normalisation": n} for n in spec["channels"]], "spacing": spec["spacing"]}
     cached = build_cache(cases, model_spec, args.cache)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(run_dir / SPLIT_FILE, split)
+    write_json(run_dir / SPLIT_FILE, split)
     write_index(run_dir / CASES_FILE, cached)
     labels = {str(c["value"]): c["name"] for c in card["classes"]} if card else dataset.labels
     num_classes = max(int(v) for v in labels) + 1 if labels else 1 + max(int(c.load()[1].max()) for c in cached)
@@ -176,8 +156,8 @@ def prepare_run(args, run_dir: Path, card: dict | None) -> dict:
             "validation": split["validation"],
         },
     }
-    data["command"] = _command_line(args)
-    _write_json(run_dir / "data.json", data)
+    data["command"] = command_line(args)
+    write_json(run_dir / "data.json", data)
     return data
 
 
@@ -216,76 +196,3 @@ def run_train(args: argparse.Namespace) -> int:
         export_bundle(run_dir, bundle, card, args.preseg_run, args.weights_dtype, data.get("command"))
         print(f"bundle written to {bundle}")
     return 0
-
-
-def _add_evaluate_parser(subparsers) -> None:
-    p = subparsers.add_parser("evaluate", help="Dice, HD95, time and uncertainty quality of a model on labelled cases")
-    p.add_argument("--model", required=True, help="bundle path or registry id")
-    p.add_argument("--images", required=True, help="folder of images (nnU-Net `_0000` channels grouped by case)")
-    p.add_argument("--labels", required=True, help="folder of label files named like the cases")
-    p.add_argument(
-        "--split", help="a run's split.json, or 'model' for the cases the model held out: evaluate those only"
-    )
-    p.add_argument("--cases", nargs="+", help="evaluate only these case names")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--ensemble", type=int)
-    p.add_argument("--sampler", choices=["ddpm", "ddim"])
-    p.add_argument("--eta", type=float)
-    p.add_argument("--preseg", choices=["none", "model"])
-    p.add_argument("--preseg-step", type=int)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--threads", type=int, help="CPU threads for torch")
-    p.add_argument("--json", dest="json_out", help="write per-case and mean results to this JSON file")
-    p.add_argument(
-        "--record",
-        nargs="?",
-        const="validation",
-        metavar="NAME",
-        help="store the mean results in the bundle's model.json as metrics.NAME (default: validation, "
-        "meant for the default settings)",
-    )
-    p.set_defaults(func=run_evaluate, parser=p)
-
-
-def _validation_cases(split: str, model: str) -> set[str]:
-    """The validation cases of a split.json, or with `model` those the bundle's metadata says it held out."""
-    if split == "model":
-        from DiffSegCore.models.bundle import read_meta
-        from DiffSegCore.models.registry import resolve_model
-
-        held_out = read_meta(resolve_model(model)).get("training", {}).get("split", {}).get("validation")
-        if not held_out:
-            raise InputError(f"model {model} records no validation cases; pass a run's split.json to --split")
-        return set(held_out)
-    try:
-        return set(json.loads(Path(split).read_text())["validation"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise InputError(f"cannot read validation cases from {split} ({exc}); pass a run's split.json or 'model'") from exc
-
-
-def run_evaluate(args: argparse.Namespace) -> int:
-    from DiffSegCore.evaluation.report import evaluate, format_table, record_metrics
-
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    only = set(args.cases or [])
-    if args.split:
-        only |= _validation_cases(args.split, args.model)
-    report = evaluate(args, only or None)
-    report["command"] = _command_line(args)
-    print(format_table(report))
-    if args.json_out:
-        _write_json(Path(args.json_out), report)
-    if args.record:
-        record_metrics(Path(args.model), report, args.record)
-        print(f"metrics recorded in {Path(args.model) / 'model.json'}")
-    return 0
-
-
-def add_training_parsers(subparsers) -> None:
-    """Register `diffseg train` and `diffseg evaluate` on the main parser's subparsers."""
-    _add_train_parser(subparsers)
-    _add_evaluate_parser(subparsers)

@@ -5,14 +5,18 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from pathlib import Path
 
 import numpy as np
 
 from DiffSegCore.errors import InputError, ModelError
 from DiffSegCore.evaluation.metrics import case_metrics
+from DiffSegCore.inference.pipeline import OutputOptions, on_input_grid, run_case
 from DiffSegCore.io.cases import collect_cases, group_by_case, volume_files
+from DiffSegCore.io.volumes import read_volume, to_array
+from DiffSegCore.models.bundle import ModelBundle
+from DiffSegCore.progress import RunProgress
+from DiffSegCore.settings import RunSettings
 
 
 def _label_files(folder: Path) -> dict[str, Path]:
@@ -26,44 +30,37 @@ def _mean(values: list) -> float | None:
     return float(np.mean(kept)) if kept else None
 
 
-def evaluate(args, only: set[str] | None = None) -> dict:
-    """Segment every labelled case with the model and the sampler options in `args`."""
-    import SimpleITK as sitk
+def evaluate(
+    bundle: ModelBundle, settings: RunSettings, images_dir: Path, labels_dir: Path, only: set[str] | None = None
+) -> dict:
+    """Segment every labelled case (or those in `only`) through the run pipeline and score it.
 
-    from DiffSegCore.cli.main import load_model
-    from DiffSegCore.inference.ensemble import SegmentSettings, predict_volume
-    from DiffSegCore.io.preprocess import prepare_image, resample_like
-    from DiffSegCore.io.volumes import from_array, read_channels, read_volume, to_array
-    from DiffSegCore.progress import Progress
-
-    bundle = load_model(args.model, args.device, Progress("none"))
-    settings = SegmentSettings.from_args(args).with_defaults(bundle.meta)
-    cases = collect_cases([args.images])
-    labels = _label_files(Path(args.labels))
+    `settings` come from settings.resolve for this bundle; "seconds" per case is the sampling time.
+    """
+    cases = collect_cases([images_dir])
+    labels = _label_files(labels_dir)
     names = sorted(n for n in cases if only is None or n in only)
     missing = [n for n in names if n not in labels]
     if missing:
-        raise InputError(f"no label file for {len(missing)} case(s) ({', '.join(missing[:3])}) in {args.labels}")
+        raise InputError(f"no label file for {len(missing)} case(s) ({', '.join(missing[:3])}) in {labels_dir}")
     if only is not None and not names:
-        raise InputError(f"none of the requested cases is in {args.images}")
-    num_classes = bundle.num_classes
+        raise InputError(f"none of the requested cases is in {images_dir}")
     rows = []
     for name in names:
-        images = read_channels(cases[name])
-        image, grid = prepare_image(images, bundle.meta)
-        started = time.perf_counter()
-        result = predict_volume(bundle, image, settings)
-        seconds = time.perf_counter() - started
-        reference = images[0]
-        pred = resample_like(from_array(result.labels.numpy().astype(np.uint8), grid), reference, True)
-        unc = resample_like(from_array(result.variance.numpy().astype(np.float32), grid), reference, False)
+        case = run_case(bundle, cases[name], settings, RunProgress("none"))
+        outputs = on_input_grid(case, OutputOptions())
         truth = np.rint(to_array(read_volume(labels[name]))).astype(np.int64)
-        if truth.shape != tuple(reversed(reference.GetSize())):
+        if truth.shape != tuple(reversed(case.reference.GetSize())):
             raise InputError(f"case {name}: the label grid differs from the image grid")
-        spacing_zyx = tuple(reversed(reference.GetSpacing()))
+        spacing_zyx = tuple(reversed(case.reference.GetSpacing()))
         metrics = case_metrics(
-            sitk.GetArrayFromImage(pred).astype(np.int64), truth, sitk.GetArrayFromImage(unc), num_classes, spacing_zyx
+            to_array(outputs["segmentation"]).astype(np.int64),
+            truth,
+            to_array(outputs["uncertainty"]),
+            bundle.num_classes,
+            spacing_zyx,
         )
+        seconds = case.timings["sample"]
         rows.append({"case": name, **metrics, "seconds": seconds})
         print(f"{name}: Dice {[round(v, 3) for v in metrics['dice']]} in {seconds:.1f} s", flush=True)
     classes = [c["name"] for c in bundle.meta["classes"]]
@@ -72,9 +69,8 @@ def evaluate(args, only: set[str] | None = None) -> dict:
         "model": bundle.meta["id"],
         "version": bundle.meta.get("version"),
         "classes": classes,
-        "settings": {k: getattr(settings, k) for k in ("steps", "ensemble", "sampler", "eta", "preseg", "preseg_step")}
-        | {"seed": settings.seed},
-        "device": str(next(bundle.network.parameters()).device),
+        "settings": case.settings.to_json() if rows else settings.to_json(),
+        "device": case.settings.device if rows else settings.device,
         "cases": rows,
         "mean": {
             "cases": len(rows),

@@ -9,7 +9,7 @@ import resource
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +17,15 @@ import SimpleITK as sitk
 import torch
 
 from DiffSegCore.errors import InputError, RuntimeFault
-from DiffSegCore.inference.ensemble import SegmentSettings, predict_volume, resolve_device
+from DiffSegCore.inference.ensemble import EnsembleResult, predict_volume
+from DiffSegCore.inference.plan import resolve_device
 from DiffSegCore.io.preprocess import intensity_warnings, prepare_image, resample_like, resample_to_spacing
 from DiffSegCore.io.preview import write_preview
 from DiffSegCore.io.volumes import from_array, read_channels, read_volume, same_geometry, to_array, write_image_atomic
-from DiffSegCore.models.bundle import ModelBundle
-from DiffSegCore.progress import Progress
+from DiffSegCore.models.bundle import ModelBundle, load_bundle, read_meta
+from DiffSegCore.models.registry import resolve_model
+from DiffSegCore.progress import RunProgress
+from DiffSegCore.settings import PRESEG_SOURCES, RunSettings, resolve
 
 
 @dataclass
@@ -35,7 +38,20 @@ class OutputOptions:
     overwrite: bool = False
 
 
+def open_model(ref: str, chosen: dict, progress: RunProgress) -> tuple[ModelBundle, RunSettings]:
+    """A bundle path or registry id (downloaded on first use, with progress), its defaults merged into
+    the user's `chosen` settings (the one place this happens for a run), loaded on the chosen device."""
+
+    def on_bytes(done: int, total: int | None) -> None:
+        progress.report("load", f"downloading {ref}: {done / 2**20:.1f} MiB", within=(done / total) if total else 0.0)
+
+    path = resolve_model(ref, progress=on_bytes)
+    settings = resolve(read_meta(path), chosen)
+    return load_bundle(path, resolve_device(settings.device)), settings
+
+
 def output_names(case: str, options: OutputOptions, members: int) -> dict[str, str]:
+    """Output key -> file name of one case (the keys the final progress event reports paths under)."""
     names = {"segmentation": f"{case}_seg.nii.gz", "uncertainty": f"{case}_uncertainty.nii.gz"}
     if options.save_probabilities:
         names["probabilities"] = f"{case}_probabilities.nii.gz"
@@ -66,16 +82,64 @@ def read_preseg_labels(path: Path, reference: sitk.Image, num_classes: int, spac
 
 
 def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this process so far: allocated on the GPU, or resident on the host."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _results_on_input_grid(result, grid: sitk.Image, reference: sitk.Image, options: OutputOptions) -> dict:
-    """The images to write, each resampled back onto the input's exact grid."""
+@dataclass
+class CaseResult:
+    """One case sampled: the ensemble's result on the model's grid, and what is needed to map it back."""
+
+    result: EnsembleResult
+    grid: sitk.Image  # the model-spacing grid the result lies on
+    reference: sitk.Image  # the input's first channel: the grid outputs are written on
+    settings: RunSettings  # as the case ran: the device actually used
+    timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def run_case(
+    bundle: ModelBundle, inputs: list[Path], settings: RunSettings, progress: RunProgress, keep_members: bool = False
+) -> CaseResult:
+    """Read, preprocess and sample one case (no outputs written); `settings` come from settings.resolve."""
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[stage] = round(timings.get(stage, 0.0) + now - clock, 4)
+        clock = now
+
+    progress.report("load", f"reading {', '.join(p.name for p in inputs)}")
+    images = read_channels(inputs)
+    warnings = intensity_warnings(images, bundle.meta)
+    for warning in warnings:
+        progress.note(f"warning: {warning}")
+    reference = images[0]
+    preseg = None
+    if settings.preseg not in PRESEG_SOURCES:
+        preseg = read_preseg_labels(Path(settings.preseg), reference, bundle.num_classes, bundle.meta.get("spacing"))
+    lap("load")
+    progress.report("preprocess", "resampling and normalising")
+    image, grid = prepare_image(images, bundle.meta)
+    lap("preprocess")
+    device = resolve_device(settings.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    result = predict_volume(bundle, image, settings, preseg, progress, keep_members)
+    lap("sample")
+    return CaseResult(result, grid, reference, replace(settings, device=result.device), timings, warnings)
+
+
+def on_input_grid(case: CaseResult, options: OutputOptions) -> dict[str, sitk.Image]:
+    """The images to write (by output key), each resampled back onto the input's exact grid."""
+    result = case.result
 
     def back(array: np.ndarray, is_label: bool, is_vector: bool = False) -> sitk.Image:
-        return resample_like(from_array(array, grid, is_vector), reference, is_label)
+        return resample_like(from_array(array, case.grid, is_vector), case.reference, is_label)
 
     images = {
         "segmentation": back(result.labels.numpy().astype(np.uint8), True),
@@ -95,66 +159,41 @@ def segment_case(
     inputs: list[Path],
     case: str,
     output_dir: Path,
-    settings: SegmentSettings,
+    settings: RunSettings,
     options: OutputOptions,
-    progress: Progress,
-) -> dict[str, Path]:
-    """Segment one case; every output appears at once at the end, or none does."""
-    settings = settings.with_defaults(bundle.meta)
-    if options.save_members:
-        settings.keep_members = True
+    progress: RunProgress,
+) -> tuple[dict[str, Path], RunSettings]:
+    """Segment one case; every output appears at once at the end, or none does.
+
+    Returns each output's path by key and the settings the case ran with.
+    """
     names = output_names(case, options, settings.ensemble)
     targets = {key: output_dir / name for key, name in names.items()}
     existing = [p for p in targets.values() if p.exists()]
     if existing and not options.overwrite:
         raise InputError(f"{existing[0]} already exists; choose another --output-dir or pass --overwrite")
-    timings: dict[str, float] = {}
+    sampled = run_case(bundle, inputs, settings, progress, options.save_members)
     clock = time.perf_counter()
-
-    def lap(stage: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[stage] = round(timings.get(stage, 0.0) + now - clock, 4)
-        clock = now
-
-    progress.report("load", f"reading {', '.join(p.name for p in inputs)}")
-    images = read_channels(inputs)
-    warnings = intensity_warnings(images, bundle.meta)
-    for warning in warnings:
-        progress.note(f"warning: {warning}")
-    reference = images[0]
-    preseg = None
-    if settings.preseg not in ("none", "model"):
-        preseg = read_preseg_labels(Path(settings.preseg), reference, bundle.num_classes, bundle.meta.get("spacing"))
-    lap("load")
-    progress.report("preprocess", "resampling and normalising")
-    image, grid = prepare_image(images, bundle.meta)
-    lap("preprocess")
-    device = resolve_device(settings.device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    result = predict_volume(bundle, image, settings, preseg, progress)
-    lap("sample")
     progress.report("write", "writing outputs")
     try:
         staging = Path(tempfile.mkdtemp(prefix=f".{case}.", dir=output_dir))
     except OSError as exc:
         raise RuntimeFault(f"cannot write in {output_dir} ({exc.strerror}); check write permission") from None
     try:
-        results = _results_on_input_grid(result, grid, reference, options)
+        results = on_input_grid(sampled, options)
         for key, img in results.items():
             write_image_atomic(img, staging / names[key])
         if options.preview:
             colors = [c.get("color", [1, 0, 0]) for c in bundle.meta["classes"]]
             write_preview(
-                to_array(reference),
+                to_array(sampled.reference),
                 sitk.GetArrayViewFromImage(results["segmentation"]),
                 sitk.GetArrayViewFromImage(results["uncertainty"]),
                 colors,
                 staging / names["preview"],
             )
-        lap("write")
-        record = {**run_record(bundle, inputs, settings, options, timings, device, result), "warnings": warnings}
+        sampled.timings["write"] = round(time.perf_counter() - clock, 4)
+        record = run_record(bundle, inputs, options, sampled)
         (staging / names["run"]).write_text(json.dumps(record, indent=2) + "\n")
         _publish(staging, names, targets, options.overwrite)
     except OSError as exc:
@@ -166,7 +205,7 @@ def segment_case(
         raise RuntimeFault(str(exc).replace(str(staging), str(output_dir))) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return targets
+    return targets, sampled.settings
 
 
 def _publish(staging: Path, names: dict[str, str], targets: dict[str, Path], overwrite: bool) -> None:
@@ -185,14 +224,17 @@ def _publish(staging: Path, names: dict[str, str], targets: dict[str, Path], ove
         raise
 
 
-def run_record(bundle, inputs, settings, options, timings, device, result) -> dict:
+def run_record(bundle: ModelBundle, inputs: list[Path], options: OutputOptions, case: CaseResult) -> dict:
     """What was run, how, how long it took and how much memory it used."""
+    result = case.result
+    device = torch.device(result.device)
     return {
         "model": {"id": bundle.meta["id"], "version": bundle.meta["version"], "path": str(bundle.path)},
         "inputs": [str(p) for p in inputs],
-        "settings": asdict(settings),
+        "settings": case.settings.to_json(),
         "outputs": asdict(options),
-        "timings_s": timings,
+        "plan": result.plan,
+        "timings_s": case.timings,
         "device": str(device),
         "torch": torch.__version__,
         "host": platform.node(),
@@ -202,4 +244,5 @@ def run_record(bundle, inputs, settings, options, timings, device, result) -> di
             "mean_uncertainty": float(result.variance.mean()),
             "mean_entropy": float(result.entropy.mean()),
         },
+        "warnings": case.warnings,
     }

@@ -8,7 +8,7 @@ from DiffSegCore.diffusion.process import eps_from_x0, posterior_mean_from_x0, p
 from DiffSegCore.diffusion.samplers import initial_state, member_generators, sample
 from DiffSegCore.diffusion.schedules import linear_schedule, respace
 from DiffSegCore.errors import InputError
-from DiffSegCore.inference.reduce import EnsembleAccumulator, reduce_members
+from DiffSegCore.inference.ensemble import EnsembleAccumulator, reduce_members
 
 BASE = linear_schedule(1001)
 SCHEDULE = respace(BASE, 5)

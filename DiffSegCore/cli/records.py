@@ -1,0 +1,29 @@
+"""What a command leaves behind: the command line that reproduces it, and JSON files written whole."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+from pathlib import Path
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command that reproduces these arguments (options left at their default are omitted)."""
+    parts = ["diffseg", args.command]
+    for action in args.parser._actions:  # argparse keeps no public list of a parser's options
+        value = getattr(args, action.dest, None)
+        if not action.option_strings or action.dest == "help" or value == action.default:
+            continue
+        if action.nargs == 0:
+            parts.append(action.option_strings[0])
+        else:
+            parts += [action.option_strings[0], *map(str, value if isinstance(value, list) else [value])]
+    return shlex.join(parts)
+
+
+def write_json(path: Path, data) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)

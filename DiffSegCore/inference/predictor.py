@@ -1,0 +1,151 @@
+"""Network evaluations of a run: conditioning channels, whole volume or sliding window, member sampling."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from monai.inferers import sliding_window_inference
+
+from DiffSegCore.diffusion.masks import to_diffusion_space
+from DiffSegCore.diffusion.samplers import initial_state, member_generators, sample
+from DiffSegCore.diffusion.schedules import NoiseSchedule, respace, training_schedule
+from DiffSegCore.errors import InputError
+from DiffSegCore.inference.plan import WINDOWS_PER_BATCH, Plan
+from DiffSegCore.io.preprocess import coordinate_channels
+from DiffSegCore.models.bundle import ModelBundle
+from DiffSegCore.networks.precision import autocast, memory_format
+from DiffSegCore.networks.unet import UNet3D
+from DiffSegCore.settings import RunSettings
+
+
+def on_device(network: UNet3D, device: torch.device) -> UNet3D:
+    """The network on `device`, in the memory layout that is fastest there."""
+    return network.to(device=device, memory_format=memory_format(device))
+
+
+def evaluate_network(
+    network: UNet3D, x: torch.Tensor, t: torch.Tensor | None, window: tuple[int, ...] | None
+) -> torch.Tensor:
+    """One network evaluation on the whole volume, or by MONAI's sliding window (Gaussian blending).
+
+    Args:
+        network: on the device of `x`.
+        x: input (B, C, *S): conditioning channels, then the noisy mask for a diffusion network.
+        t: time steps (B,), or None for the plain pre-segmentation U-Net.
+        window: sliding-window size (z, y, x), or None for the whole volume.
+
+    Returns:
+        The raw output (B, K, *S) in float32.
+    """
+    layout = memory_format(x.device)
+    with autocast(x.device):
+        if window is None:
+            return network(x.contiguous(memory_format=layout), t).float()
+
+        def predictor(patch: torch.Tensor) -> torch.Tensor:
+            patch_t = None if t is None else t[:1].expand(patch.shape[0])
+            return network(patch.contiguous(memory_format=layout), patch_t)
+
+        return sliding_window_inference(x, window, WINDOWS_PER_BATCH, predictor, overlap=0.25, mode="gaussian").float()
+
+
+def conditioning(network: UNet3D, image: torch.Tensor) -> torch.Tensor:
+    """Image channels (C, *S), plus 3 global coordinate channels when the network was patch-trained with them."""
+    if network.config.get("coords"):
+        return torch.cat([image, coordinate_channels(tuple(image.shape[1:]))])
+    return image
+
+
+def presegment(bundle: ModelBundle, image: torch.Tensor, plan: Plan) -> torch.Tensor:
+    """Label map (*S) from the bundle's plain U-Net (PD-DDPM pre-segmentation) of a (C, *S) image."""
+    if bundle.preseg_network is None:
+        raise InputError(
+            f"model {bundle.meta['id']} has no pre-segmentation network; use --preseg none or a label file"
+        )
+    network = on_device(bundle.preseg_network, plan.device)
+    with torch.inference_mode():
+        x = conditioning(network, image)[None].to(plan.device)
+        return evaluate_network(network, x, None, plan.window)[0].argmax(0).cpu()
+
+
+def sampling_schedule(diffusion: dict, steps: int, start_step: int | None = None) -> NoiseSchedule:
+    """The `steps`-step schedule from the trained one, ending at `start_step` (T') when given, else at its end."""
+    trained = training_schedule(diffusion)
+    last = len(trained) - 1 if start_step is None else start_step
+    return respace(trained, steps, last)
+
+
+def sample_members(
+    network: UNet3D,
+    cond: torch.Tensor,
+    schedule: NoiseSchedule,
+    *,
+    prediction: str,
+    sampler: str,
+    eta: float,
+    seed: int,
+    first: int,
+    count: int,
+    window: tuple[int, ...] | None = None,
+    start: torch.Tensor | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """Sample members first..first+count-1 of an ensemble as one batch.
+
+    Args:
+        network: the diffusion network, already on the run's device.
+        cond: conditioning channels (C, *S) of one case.
+        schedule: the sampling schedule.
+        prediction, sampler, eta: the model's prediction type and the sampler's settings.
+        seed, first, count: member k's noise depends on (seed, k) only, not on batching or device.
+        window: sliding-window size, or None for the whole volume.
+        start: a pre-segmentation (*S) to start from (PD-DDPM), or None for pure noise.
+        on_step: called with (step, steps) after each step.
+
+    Returns:
+        Class probabilities (count, K, *S).
+    """
+    device = next(network.parameters()).device
+    cond_b = cond[None].to(device).expand(count, *cond.shape)
+    shape = (count, network.num_classes, *cond.shape[1:])
+    generators = member_generators(seed, first, count)
+    mask = None if start is None else to_diffusion_space(start[None].expand(count, *start.shape), network.num_classes)
+    x = initial_state(schedule, shape, generators, cond_b, mask)
+
+    def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return evaluate_network(network, torch.cat([cond_b, x_t.to(cond_b.dtype)], dim=1), t, window)
+
+    with torch.inference_mode():
+        return sample(
+            denoise, schedule, x, prediction=prediction, sampler=sampler, eta=eta, generators=generators, on_step=on_step
+        )
+
+
+def bundle_members(
+    bundle: ModelBundle,
+    cond: torch.Tensor,
+    settings: RunSettings,
+    plan: Plan,
+    first: int,
+    count: int,
+    preseg: torch.Tensor | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """`sample_members` for a model bundle and a run's settings: probabilities (count, K, *S)."""
+    diffusion = bundle.meta["diffusion"]
+    schedule = sampling_schedule(diffusion, settings.steps, settings.preseg_step if preseg is not None else None)
+    return sample_members(
+        on_device(bundle.network, plan.device),
+        cond,
+        schedule,
+        prediction=diffusion.get("prediction", "x0"),
+        sampler=settings.sampler,
+        eta=settings.eta,
+        seed=settings.seed,
+        first=first,
+        count=count,
+        window=plan.window,
+        start=preseg,
+        on_step=on_step,
+    )
