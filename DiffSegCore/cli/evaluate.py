@@ -39,7 +39,7 @@ def add_evaluate_parser(subparsers) -> None:
 def _validation_cases(split: str, model: str) -> set[str]:
     """The validation cases of a split.json, or with `model` those the bundle's metadata says it held out."""
     if split == "model":
-        from DiffSegCore.models.bundle import read_meta
+        from DiffSegCore.models.metadata import read_meta
         from DiffSegCore.models.registry import resolve_model
 
         held_out = read_meta(resolve_model(model)).get("training", {}).get("split", {}).get("validation")

@@ -22,7 +22,8 @@ from DiffSegCore.inference.plan import resolve_device
 from DiffSegCore.io.preprocess import intensity_warnings, prepare_image, resample_like, resample_to_spacing
 from DiffSegCore.io.preview import write_preview
 from DiffSegCore.io.volumes import from_array, read_channels, read_volume, same_geometry, to_array, write_image_atomic
-from DiffSegCore.models.bundle import ModelBundle, load_bundle, read_meta
+from DiffSegCore.models.bundle import ModelBundle, load_bundle
+from DiffSegCore.models.metadata import read_meta
 from DiffSegCore.models.registry import resolve_model
 from DiffSegCore.progress import RunProgress
 from DiffSegCore.settings import PRESEG_SOURCES, RunSettings, resolve

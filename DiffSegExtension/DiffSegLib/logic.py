@@ -17,23 +17,15 @@ from pathlib import Path
 
 import slicer
 
+from DiffSegCore import settings as run_settings
+from DiffSegCore.errors import DiffSegError
+from DiffSegCore.events import ERROR, STAGES
+
 from . import scene as bridge
 from .worker import Worker, WorkerResult
 
 CASE = "input"  # case name of the files handed to the core
 ATTRIBUTE_PREFIX = "DiffSeg."
-SAMPLERS = ("ddim", "ddpm")
-DEVICES = ("auto", "cuda", "cpu")
-STAGE_TEXT = {
-    "load": "Loading",
-    "preprocess": "Preprocessing",
-    "preseg": "Pre-segmenting",
-    "sample": "Sampling",
-    "reduce": "Combining members",
-    "write": "Writing",
-    "done": "Done",
-    "error": "Failed",
-}
 
 
 def core_parent() -> Path:
@@ -55,35 +47,29 @@ def python_executable() -> str:
 
 
 def model_meta(model: str) -> dict:
-    """Metadata of a bundle path or registry id (the bundle must be local by now)."""
-    from DiffSegCore.models.bundle import read_meta
+    """Metadata of a bundle path or registry id (the bundle must be local by now); reads no weights."""
+    from DiffSegCore.models.metadata import read_meta
+    from DiffSegCore.models.registry import resolve_model
 
     path = Path(model)
-    if not path.exists():
-        from DiffSegCore.models.registry import resolve_model
-
-        path = resolve_model(model, download=False)
-    return read_meta(path)
+    return read_meta(path if path.exists() else resolve_model(model, download=False))
 
 
-def sampler_defaults(model: str) -> dict:
-    """steps, ensemble and sampler a run of `model` uses when none are given (the core's own defaulting)."""
-    from DiffSegCore.inference.ensemble import SegmentSettings
-
-    settings = SegmentSettings().with_defaults(model_meta(model))
-    return {"steps": settings.steps, "ensemble": settings.ensemble, "sampler": settings.sampler}
+def model_settings(model: str, chosen: dict | None = None) -> run_settings.RunSettings:
+    """The settings a run of `model` uses, from the core's one merge of defaults (settings.resolve)."""
+    return run_settings.resolve(model_meta(model), chosen)
 
 
 def describe_event(event: dict) -> str:
     """One status line for a progress event."""
     stage = event.get("stage", "")
-    text = STAGE_TEXT.get(stage, stage.capitalize())
+    text = STAGES[stage][0] if stage in STAGES else stage.capitalize()
     if stage == "sample" and event.get("steps"):
         text += f": step {event.get('step', 0)}/{event['steps']}"
         if event.get("members"):
             text += f", member {event.get('member', 0)}/{event['members']}"
     message = event.get("message")
-    return f"{text} - {message}" if message and stage != "error" else (message if stage == "error" else text)
+    return f"{text} - {message}" if message and stage != ERROR else (message if stage == ERROR else text)
 
 
 class SegmentationRun:
@@ -168,7 +154,7 @@ class SegmentationRun:
                 self.state, self.error = "failed", result.error
                 self.message = f"Failed: {result.error}"
             else:
-                self._import_outputs()
+                self._import_outputs(result)
                 self.state, self.fraction = "done", 1.0
                 self.message = f"Done in {self.elapsed:.1f} s"
         except Exception as exc:  # the scene must stay clean whatever went wrong while importing
@@ -179,21 +165,28 @@ class SegmentationRun:
         if self.onFinished:
             self.onFinished(self)
 
-    def _import_outputs(self) -> None:
+    def _import_outputs(self, result: WorkerResult) -> None:
+        """Load the files the core reported in its final event; record the settings that actually ran."""
         reference = self.inputs[0]
         scene = reference.GetScene()
-        out = self.workdir / "output"
+        outputs = result.outputs.get(CASE)
+        if not outputs:
+            raise RuntimeError("diffseg reported no outputs for the case")
         meta = model_meta(self.settings["model"])
+        ran = dict(result.settings.get(CASE) or {})
+        if self.settings.get("preseg") not in (None, *run_settings.PRESEG_SOURCES):
+            ran["preseg"] = self.settings["preseg"]  # the node's name, not the temporary file it was written to
+        self.settings = {**self.settings, **ran}
         self.settings["modelVersion"] = meta.get("version", "")
         self.settings["elapsedSeconds"] = f"{self.elapsed:.2f}"
         created = []
         try:
-            labels = _load_labelmap(scene, out / f"{CASE}_seg.nii.gz", reference, created)
+            labels = _load_labelmap(scene, Path(outputs["segmentation"]), reference, created)
             segmentation = self._segmentation_from(labels, meta, reference, f"{reference.GetName()} DiffSeg", created)
             members = []
             if self.saveMembers:
                 for k in range(1, int(self.settings["ensemble"]) + 1):
-                    member_labels = _load_labelmap(scene, out / f"{CASE}_member{k}_seg.nii.gz", reference, created)
+                    member_labels = _load_labelmap(scene, Path(outputs[f"member{k}"]), reference, created)
                     name = f"{reference.GetName()} DiffSeg member {k}"
                     members.append(self._segmentation_from(member_labels, meta, reference, name, created))
             uncertainty = self.targetUncertaintyNode
@@ -202,7 +195,7 @@ class SegmentationRun:
                     "vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(f"{reference.GetName()} DiffSeg uncertainty")
                 )
                 created.append(uncertainty)
-            bridge.read_volume_into(uncertainty, out / f"{CASE}_uncertainty.nii.gz", reference)
+            bridge.read_volume_into(uncertainty, Path(outputs["uncertainty"]), reference)
         except Exception:
             for node in created:
                 scene.RemoveNode(node)
@@ -254,25 +247,27 @@ class SegmentationLogic:
         self,
         inputVolumeNodes,
         model: str,
-        steps: int,
-        ensembleSize: int,
-        sampler: str = "ddim",
+        steps: int | None = None,
+        ensemble: int | None = None,
+        sampler: str | None = None,
         preseg=None,
-        presegStep: int | None = None,
-        device: str = "auto",
+        preseg_step: int | None = None,
+        device: str | None = None,
+        seed: int | None = None,
         outputSegmentationNode=None,
         outputUncertaintyNode=None,
         saveMembers: bool = False,
         waitForCompletion: bool = True,
-        seed: int | None = None,
         overwrite: bool = False,
         onProgress: Callable[[float, str], None] | None = None,
         onFinished: Callable[[SegmentationRun], None] | None = None,
     ):
         """Segment `inputVolumeNodes` (one node or a list of channels) with `model` (bundle path or id).
 
-        `preseg` is None/"none", "model" (the bundle's own network) or a segmentation / label map
-        node. An existing segmentation node that already has segments is only replaced when
+        steps, ensemble, sampler, preseg_step and device are the run settings of DiffSegCore/settings.py
+        (same names); None takes the model's default. `seed` None draws a random seed (recorded on the
+        outputs). `preseg` is None/"none", "model" (the bundle's own network) or a segmentation / label
+        map node. An existing segmentation node that already has segments is only replaced when
         `overwrite` is True. With waitForCompletion=True returns (segmentationNode,
         uncertaintyVolumeNode) and raises RuntimeError if the run fails; otherwise returns the
         SegmentationRun at once (pump it, or let the widget's timer do so).
@@ -280,12 +275,17 @@ class SegmentationLogic:
         inputs = list(inputVolumeNodes) if isinstance(inputVolumeNodes, Sequence) else [inputVolumeNodes]
         if not inputs or any(node is None or node.GetImageData() is None for node in inputs):
             raise ValueError("select an input volume that holds image data")
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, not {sampler!r}")
-        if device not in DEVICES:
-            raise ValueError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
-        if steps < 1 or ensembleSize < 1:
-            raise ValueError("steps and ensemble size must be at least 1")
+        seed = random.randrange(2**31) if seed is None else seed
+        chosen = {"steps": steps, "ensemble": ensemble, "sampler": sampler, "preseg_step": preseg_step}
+        from_node = preseg not in (None, *run_settings.PRESEG_SOURCES)
+        chosen.update(device=device, seed=seed, preseg=None if from_node else (preseg or "none"))
+        chosen = {name: value for name, value in chosen.items() if value is not None}
+        try:
+            flags = run_settings.to_flags(chosen)  # each value checked against its setting
+            if Path(model).exists() or _is_local(model):  # and against the model, before anything starts
+                run_settings.resolve(model_meta(model), {**chosen, "preseg": "model"} if from_node else chosen)
+        except DiffSegError as exc:
+            raise ValueError(str(exc)) from None
         for extra in inputs[1:]:
             if not bridge.same_geometry(inputs[0], extra):
                 raise ValueError(
@@ -297,20 +297,10 @@ class SegmentationLogic:
         if self.activeRun is not None and not self.activeRun.finished:
             raise RuntimeError("a DiffSeg run is already in progress; cancel it or wait for it to end")
 
-        seed = random.randrange(2**31) if seed is None else int(seed)
-        settings = {
-            "model": str(model),
-            "steps": int(steps),
-            "ensemble": int(ensembleSize),
-            "sampler": sampler,
-            "preseg": "none",
-            "device": device,
-            "seed": seed,
-            "inputs": ",".join(node.GetName() for node in inputs),
-        }
+        settings = {"model": str(model), **chosen, "inputs": ",".join(node.GetName() for node in inputs)}
         workdir = Path(tempfile.mkdtemp(prefix="DiffSeg-"))
         try:
-            args = self._command(inputs, workdir, settings, preseg, presegStep, saveMembers)
+            args = self._command(inputs, workdir, settings, flags, preseg, saveMembers)
             env = dict(os.environ)
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(core_parent()), env.get("PYTHONPATH")]))
             worker = Worker(args, env=env)
@@ -342,31 +332,30 @@ class SegmentationLogic:
         if self.activeRun is not None:
             self.activeRun.cancel()
 
-    def _command(self, inputs, workdir: Path, settings: dict, preseg, presegStep, saveMembers: bool) -> list[str]:
+    def _command(self, inputs, workdir: Path, settings: dict, flags: list[str], preseg, saveMembers: bool) -> list[str]:
         """Write the inputs (and a pre-segmentation) to `workdir` and build the CLI command."""
         paths = [bridge.write_volume(node, workdir / f"{CASE}_{index:04d}.nrrd") for index, node in enumerate(inputs)]
-        args = [python_executable(), "-m", "DiffSegCore", "segment", *map(str, paths)]
-        args += ["--model", settings["model"], "--steps", str(settings["steps"])]
-        args += ["--ensemble", str(settings["ensemble"]), "--sampler", settings["sampler"]]
-        args += ["--device", settings["device"], "--seed", str(settings["seed"])]
-        args += ["--output-dir", str(workdir / "output"), "--progress", "json"]
-        if preseg not in (None, "none"):
-            if preseg == "model":
-                settings["preseg"] = "model"
+        args = [python_executable(), "-m", "DiffSegCore", "segment", *map(str, paths), "--model", settings["model"]]
+        args += [*flags, "--output-dir", str(workdir / "output"), "--progress", "json"]
+        if preseg not in (None, *run_settings.PRESEG_SOURCES):
+            settings["preseg"] = preseg.GetName()
+            preseg_path = workdir / "preseg.nrrd"
+            if preseg.IsA("vtkMRMLSegmentationNode"):
+                bridge.export_segments_labelmap(preseg, model_meta(settings["model"])["classes"], inputs[0], preseg_path)
             else:
-                settings["preseg"] = preseg.GetName()
-                preseg_path = workdir / "preseg.nrrd"
-                if preseg.IsA("vtkMRMLSegmentationNode"):
-                    bridge.export_segments_labelmap(
-                        preseg, model_meta(settings["model"])["classes"], inputs[0], preseg_path
-                    )
-                else:
-                    bridge.write_volume(preseg, preseg_path)
-                preseg = str(preseg_path)
-            args += ["--preseg", preseg]
-            if presegStep is not None:
-                settings["presegStep"] = int(presegStep)
-                args += ["--preseg-step", str(int(presegStep))]
+                bridge.write_volume(preseg, preseg_path)
+            args += ["--preseg", str(preseg_path)]
         if saveMembers:
             args.append("--save-members")
         return args
+
+
+def _is_local(model: str) -> bool:
+    """True when a registry model is already on this computer (its metadata can be read without a download)."""
+    from DiffSegCore.models.registry import resolve_model
+
+    try:
+        resolve_model(model, download=False)
+    except DiffSegError:
+        return False
+    return True

@@ -7,7 +7,6 @@ batch scripts and tests), so callbacks never touch MRML from a background thread
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import signal
@@ -18,6 +17,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from DiffSegCore.events import DONE, ERROR, decode
+
 
 @dataclass
 class WorkerResult:
@@ -25,7 +26,8 @@ class WorkerResult:
 
     returncode: int | None
     cancelled: bool
-    outputs: dict[str, str] = field(default_factory=dict)
+    outputs: dict[str, dict[str, str]] = field(default_factory=dict)  # case -> output key -> path
+    settings: dict[str, dict] = field(default_factory=dict)  # case -> the settings that ran
     error: str = ""
     log: list[str] = field(default_factory=list)
 
@@ -45,7 +47,8 @@ class Worker:
         self._process: subprocess.Popen | None = None
         self._reader: threading.Thread | None = None
         self._cancelled = False
-        self._outputs: dict[str, str] = {}
+        self._outputs: dict[str, dict[str, str]] = {}
+        self._settings: dict[str, dict] = {}
         self._error = ""
         self._log: list[str] = []
         self.started_at = 0.0
@@ -80,14 +83,15 @@ class Worker:
             line = line.rstrip("\n")
             if not line:
                 continue
-            event = _parse_event(line)
+            event = decode(line)
             if event is None:
                 # Warnings, library messages and tracebacks (with --debug) are kept for the error report.
                 self._log.append(line)
                 continue
-            if event.get("stage") == "done":
+            if event["stage"] == DONE:
                 self._outputs = dict(event.get("outputs") or {})
-            elif event.get("stage") == "error":
+                self._settings = dict(event.get("settings") or {})
+            elif event["stage"] == ERROR:
                 self._error = str(event.get("message", "unknown error"))
             self._events.put(event)
 
@@ -149,7 +153,9 @@ class Worker:
         if not error and not self._cancelled and returncode not in (0, None):
             tail = "; ".join(self._log[-3:])
             error = f"diffseg exited with code {returncode}" + (f": {tail}" if tail else "")
-        return WorkerResult(returncode, self._cancelled, dict(self._outputs), error, list(self._log))
+        return WorkerResult(
+            returncode, self._cancelled, dict(self._outputs), dict(self._settings), error, list(self._log)
+        )
 
 
 def _signal_group(pid: int, sig: int) -> None:
@@ -157,14 +163,3 @@ def _signal_group(pid: int, sig: int) -> None:
         os.killpg(os.getpgid(pid), sig)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-def _parse_event(line: str) -> dict | None:
-    """A progress event if the line is one JSON object with a stage, else None."""
-    if not line.startswith("{"):
-        return None
-    try:
-        event = json.loads(line)
-    except json.JSONDecodeError:
-        return None
-    return event if isinstance(event, dict) and "stage" in event else None

@@ -23,9 +23,15 @@ if (MODULE_DIR.parent / "DiffSegCore").is_dir():
 import numpy as np  # noqa: E402
 import slicer  # noqa: E402
 from DiffSegLib import scene as bridge  # noqa: E402
-from DiffSegLib.logic import DEVICES, SAMPLERS, SegmentationLogic, sampler_defaults  # noqa: E402
+from DiffSegLib.logic import SegmentationLogic, model_meta  # noqa: E402
 
+from DiffSegCore import settings  # noqa: E402
+from DiffSegCore.errors import DiffSegError  # noqa: E402
 from DiffSegCore.io.cases import VOLUME_SUFFIXES, group_by_case, volume_files  # noqa: E402
+from DiffSegCore.models.registry import resolve_model  # noqa: E402
+
+# The run settings a batch takes (settings.py); a pre-segmentation here can only come from the model.
+BATCH_SETTINGS = ("steps", "ensemble", "sampler", "preseg", "preseg_step", "device", "seed")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -33,13 +39,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--input", required=True, type=Path, help="folder of volumes")
     parser.add_argument("--output", required=True, type=Path, help="folder for the results")
     parser.add_argument("--model", required=True, help="registry id or bundle path")
-    parser.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
-    parser.add_argument("--ensemble", type=int, help="ensemble members (default: the model's)")
-    parser.add_argument("--sampler", choices=SAMPLERS, help="default: the model's")
-    parser.add_argument("--preseg", choices=["none", "model"], default="none")
-    parser.add_argument("--preseg-step", type=int)
-    parser.add_argument("--device", choices=DEVICES, default="auto")
-    parser.add_argument("--seed", type=int, default=0)
+    settings.add_arguments(parser, BATCH_SETTINGS)
     parser.add_argument("--save-members", action="store_true", help="also save one .seg.nrrd per ensemble member")
     return parser.parse_args(argv)
 
@@ -59,20 +59,6 @@ def save_segmentation(node, path: Path) -> None:
         raise OSError(f"could not write {path}")
 
 
-def fill_model_defaults(args: argparse.Namespace) -> None:
-    """Steps, ensemble size and sampler not given take the model's own defaults (fetching it if asked for by id)."""
-    from DiffSegCore.errors import DiffSegError
-    from DiffSegCore.models.registry import resolve_model
-
-    try:
-        defaults = sampler_defaults(str(resolve_model(args.model)))
-    except DiffSegError as exc:
-        raise SystemExit(f"error: {exc}") from None
-    for option, value in defaults.items():
-        if getattr(args, option) is None:
-            setattr(args, option, value)
-
-
 def run(args: argparse.Namespace) -> int:
     if not args.input.is_dir():
         print(f"error: input folder {args.input} does not exist", file=sys.stderr)
@@ -81,7 +67,17 @@ def run(args: argparse.Namespace) -> int:
     if not cases:
         print(f"error: no volumes ({', '.join(VOLUME_SUFFIXES)}) in {args.input}", file=sys.stderr)
         return 2
-    fill_model_defaults(args)
+    if args.preseg not in (None, *settings.PRESEG_SOURCES):
+        print("error: --preseg takes none or model in a batch (one label file cannot fit every case)", file=sys.stderr)
+        return 2
+    chosen = settings.chosen_from_args(args)
+    chosen.setdefault("seed", settings.BY_NAME["seed"].default)  # a batch is reproducible unless a seed is given
+    try:  # one clear error before any case: a model that cannot be had, or settings it cannot take
+        resolve_model(args.model)  # fetched once here if it is a registry id that is not here yet
+        settings.resolve(model_meta(args.model), chosen)
+    except DiffSegError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     args.output.mkdir(parents=True, exist_ok=True)
     scene, volumes_logic, _keep_alive = open_scene()
     logic = SegmentationLogic(scene)
@@ -95,18 +91,7 @@ def run(args: argparse.Namespace) -> int:
                 if node is None:
                     raise OSError(f"could not load {path.name}")
                 nodes.append(node)
-            segmentation, uncertainty = logic.process(
-                nodes,
-                args.model,
-                args.steps,
-                args.ensemble,
-                sampler=args.sampler,
-                preseg=None if args.preseg == "none" else args.preseg,
-                presegStep=args.preseg_step,
-                device=args.device,
-                saveMembers=args.save_members,
-                seed=args.seed,
-            )
+            segmentation, uncertainty = logic.process(nodes, args.model, saveMembers=args.save_members, **chosen)
             created = [segmentation, uncertainty, *logic.activeRun.memberSegmentationNodes]
             nodes += created
             save_segmentation(segmentation, args.output / f"{name}.seg.nrrd")

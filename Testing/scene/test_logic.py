@@ -16,7 +16,7 @@ from conftest import CASE, CLASSES, SEED, labelmap_of
 from DiffSegLib import scene as bridge
 from DiffSegLib.logic import ATTRIBUTE_PREFIX, SegmentationLogic
 
-SETTINGS = {"steps": 2, "ensembleSize": 2, "sampler": "ddim", "device": "cpu", "seed": SEED}
+SETTINGS = {"steps": 2, "ensemble": 2, "sampler": "ddim", "device": "cpu", "seed": SEED}
 
 
 def test_process_matches_cli(scene, volume, tiny_bundle, cli_outputs, tmp_path):
@@ -82,7 +82,7 @@ def test_background_run_reports_progress_and_cancel_leaves_scene_as_it_was(scene
         volume,
         str(tiny_bundle),
         steps=5,
-        ensembleSize=8,
+        ensemble=8,
         device="cpu",
         seed=1,
         waitForCompletion=False,
@@ -111,7 +111,7 @@ def test_failed_run_leaves_no_stray_nodes_or_files(scene, volume, tmp_path, monk
     monkeypatch.setattr(tempfile, "tempdir", str(temp_root))  # this run's temporary folders only
     before = scene_snapshot(scene)
     with pytest.raises(RuntimeError, match="model bundle not found"):
-        SegmentationLogic(scene).process(volume, str(tmp_path / "missing"), steps=1, ensembleSize=1, device="cpu")
+        SegmentationLogic(scene).process(volume, str(tmp_path / "missing"), steps=1, ensemble=1, device="cpu")
     assert scene_snapshot(scene) == before
     assert list(temp_root.iterdir()) == []
 
@@ -132,7 +132,7 @@ def test_presegmentation_members_and_overwrite(scene, volume, tiny_bundle, tmp_p
     existing = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "mine")
     existing.GetSegmentation().AddEmptySegment("drawn", "drawn by hand")
     logic = SegmentationLogic(scene)
-    settings = {"preseg": preseg, "presegStep": 1, "saveMembers": True, "outputSegmentationNode": existing, **SETTINGS}
+    settings = {"preseg": preseg, "preseg_step": 1, "saveMembers": True, "outputSegmentationNode": existing, **SETTINGS}
     with pytest.raises(ValueError, match="already holds 1 segments"):
         logic.process(volume, str(tiny_bundle), **settings)
     assert existing.GetSegmentation().GetSegment("drawn") is not None
@@ -145,10 +145,10 @@ def test_presegmentation_members_and_overwrite(scene, volume, tiny_bundle, tmp_p
     expected = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "hippocampus_001_seg.nii.gz")))
     assert np.array_equal(labelmap_of(segmentation, volume), expected)
     assert segmentation.GetAttribute(ATTRIBUTE_PREFIX + "preseg") == "drawn"
-    assert segmentation.GetAttribute(ATTRIBUTE_PREFIX + "presegStep") == "1"
+    assert segmentation.GetAttribute(ATTRIBUTE_PREFIX + "preseg_step") == "1"
 
     members = logic.activeRun.memberSegmentationNodes
-    assert len(members) == SETTINGS["ensembleSize"]
+    assert len(members) == SETTINGS["ensemble"]
     for k, member in enumerate(members, start=1):
         expected = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"hippocampus_001_member{k}_seg.nii.gz")))
         assert np.array_equal(labelmap_of(member, volume), expected)
