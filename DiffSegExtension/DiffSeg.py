@@ -35,11 +35,12 @@ def _addCoreToPath() -> None:
 _addCoreToPath()
 
 from DiffSegLib import dependencies  # noqa: E402
-from DiffSegLib.logic import SegmentationLogic, model_meta, sampler_defaults  # noqa: E402
+from DiffSegLib.logic import MODEL_SETTINGS, SegmentationLogic, model_meta, model_settings  # noqa: E402
 from DiffSegLib.scene import find_segmentation_conflict  # noqa: E402
 from DiffSegLib.widgets import WIDGET_CLASSES  # noqa: E402
 
 from DiffSegCore.resources import resource_path  # noqa: E402
+from DiffSegCore.settings import BY_NAME, DEVICES, SAMPLERS  # noqa: E402
 
 SAMPLE_CATEGORY = "DiffSeg"
 TIMER_INTERVAL_MS = 100
@@ -117,22 +118,28 @@ class PresegSource(Enum):
         }[self]
 
 
+def _range(name: str) -> WithinRange:
+    """The range of a run setting, as settings.py defines it."""
+    return WithinRange(BY_NAME[name].minimum, BY_NAME[name].maximum)
+
+
 @parameterNodeWrapper
 class DiffSegParameterNode:
-    """The panel's settings, saved with the scene."""
+    """The panel's settings, saved with the scene; run settings keep settings.py's names, ranges and
+    defaults (a chosen model's own defaults replace steps, ensemble, sampler and preseg_step)."""
 
     inputVolume: vtkMRMLScalarVolumeNode
     channel2Volume: vtkMRMLScalarVolumeNode
     channel3Volume: vtkMRMLScalarVolumeNode
     model: str = ""
-    steps: Annotated[int, WithinRange(1, 1000)] = 1
-    ensembleSize: Annotated[int, WithinRange(1, 64)] = 5
-    sampler: Annotated[str, Choice(["ddim", "ddpm"])] = "ddim"
+    steps: Annotated[int, _range("steps")] = BY_NAME["steps"].default
+    ensemble: Annotated[int, _range("ensemble")] = BY_NAME["ensemble"].default
+    sampler: Annotated[str, Choice(list(SAMPLERS))] = BY_NAME["sampler"].default
     preseg: PresegSource = PresegSource.NONE
     presegSegmentation: vtkMRMLSegmentationNode
-    presegStep: Annotated[int, WithinRange(0, 1000)] = 1
-    device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
-    seed: Annotated[int, WithinRange(0, 2**31 - 1)] = 0
+    preseg_step: Annotated[int, _range("preseg_step")] = 0
+    device: Annotated[str, Choice(list(DEVICES))] = BY_NAME["device"].default
+    seed: Annotated[int, _range("seed")] = BY_NAME["seed"].default
     outputSegmentation: vtkMRMLSegmentationNode
     outputUncertainty: vtkMRMLScalarVolumeNode
     saveMembers: bool = False
@@ -209,6 +216,7 @@ class DiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._parameterNode.inputVolume = first
         if not self._parameterNode.model and self._models:
             self._parameterNode.model = next(iter(self._models))
+            self._applyModelDefaults()
 
     def setParameterNode(self, inputParameterNode) -> None:
         if self._parameterNode:
@@ -248,17 +256,13 @@ class DiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._applyModelDefaults()
 
     def _applyModelDefaults(self) -> None:
-        """Take steps, ensemble size and sampler from the chosen model's measured defaults (once it is here)."""
+        """Show the chosen model's own settings (settings.resolve of its model.json), once it is here."""
         info = self._models.get(self._parameterNode.model)
         if info is None or not info.current.installed:
             return
-        try:
-            defaults = sampler_defaults(str(info.current.path))
-        except ImportError:  # torch is not installed yet; the panel keeps its values
-            return
-        self._parameterNode.steps = defaults["steps"]
-        self._parameterNode.ensembleSize = defaults["ensemble"]
-        self._parameterNode.sampler = defaults["sampler"]
+        resolved = model_settings(str(info.current.path))
+        for name in MODEL_SETTINGS:
+            setattr(self._parameterNode, name, getattr(resolved, name))
 
     def _showModel(self) -> None:
         modelId = self._parameterNode.model if self._parameterNode else ""
@@ -363,11 +367,11 @@ class DiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._run = self.logic.process(
                 inputs,
                 p.model,
-                p.steps,
-                p.ensembleSize,
+                steps=p.steps,
+                ensemble=p.ensemble,
                 sampler=p.sampler,
                 preseg=preseg,
-                presegStep=p.presegStep if preseg is not None else None,
+                preseg_step=p.preseg_step if preseg is not None else None,
                 device=p.device,
                 outputSegmentationNode=p.outputSegmentation,
                 outputUncertaintyNode=p.outputUncertainty,
@@ -455,7 +459,7 @@ class DiffSegTest(ScriptedLoadableModuleTest):
         volume = self._sampleVolume()
         model = self._defaultModel()
         started = time.monotonic()
-        segmentation, uncertainty = DiffSegLogic().process(volume, model, 2, 2, device="auto", seed=0)
+        segmentation, uncertainty = DiffSegLogic().process(volume, model, steps=2, ensemble=2, device="auto", seed=0)
         logging.info(f"DiffSeg sample case: {time.monotonic() - started:.1f} s")
         classes = model_meta(model)["classes"]
         names = [segmentation.GetSegmentation().GetNthSegment(i).GetName() for i in range(len(classes))]
@@ -467,7 +471,7 @@ class DiffSegTest(ScriptedLoadableModuleTest):
     def test_cancel_leaves_scene_unchanged(self) -> None:
         volume = self._sampleVolume()
         before = slicer.mrmlScene.GetNumberOfNodes()
-        run = DiffSegLogic().process(volume, self._defaultModel(), 50, 8, device="cpu", waitForCompletion=False)
+        run = DiffSegLogic().process(volume, self._defaultModel(), ensemble=8, device="cpu", waitForCompletion=False)
         time.sleep(1.0)
         run.cancel()
         self.assertEqual(run.state, "cancelled")

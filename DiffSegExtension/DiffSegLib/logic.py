@@ -26,6 +26,8 @@ from .worker import Worker, WorkerResult
 
 CASE = "input"  # case name of the files handed to the core
 ATTRIBUTE_PREFIX = "DiffSeg."
+# The run settings a model's model.json may choose and the panel shows once that model is chosen.
+MODEL_SETTINGS = ("steps", "ensemble", "sampler", "preseg_step")
 
 
 def core_parent() -> Path:

@@ -117,6 +117,11 @@ def test_panel_screenshot(app):
         panel.findChild(QtWidgets.QWidget, name).hide()
     for name in ("presegSegmentationLabel", "presegSegmentationSelector", "presegStepLabel", "presegStepSpinBox"):
         panel.findChild(QtWidgets.QWidget, name).hide()
+    from DiffSegCore.settings import DEVICES, SAMPLERS
+
+    # In Slicer, connectGui fills these from the parameter node's Choice; here the picture does it.
+    panel.findChild(QtWidgets.QComboBox, "samplerComboBox").addItems(list(SAMPLERS))
+    panel.findChild(QtWidgets.QComboBox, "deviceComboBox").addItems(list(DEVICES))
     panel.findChild(QtWidgets.QPushButton, "applyButton").setEnabled(True)
     panel.resize(440, 640)
     panel.show()
@@ -125,3 +130,39 @@ def test_panel_screenshot(app):
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     assert image.save(str(SCREENSHOT))
     assert QtGui.QImage(str(SCREENSHOT)).width() == 440
+
+
+BUNDLED_MODEL = ROOT / "Resources" / "Models" / "hippocampus"
+SPIN_SETTINGS = {"steps": "stepsSpinBox", "ensemble": "ensembleSpinBox", "preseg_step": "presegStepSpinBox",
+                 "seed": "seedSpinBox"}
+
+
+def test_ui_shows_the_settings_of_the_bundled_model(app):
+    """The .ui's values are what settings.resolve gives the bundled model; its ranges are settings.py's."""
+    from DiffSegCore.models.metadata import read_meta
+    from DiffSegCore.settings import BY_NAME, resolve
+
+    resolved = resolve(read_meta(BUNDLED_MODEL))
+    panel = load(QtUiTools.QUiLoader())
+    for name, widget in SPIN_SETTINGS.items():
+        spin = panel.findChild(QtWidgets.QSpinBox, widget)
+        assert spin.value() == getattr(resolved, name), f"{widget} shows {spin.value()}, settings give {name}"
+        assert (spin.minimum(), spin.maximum()) == (BY_NAME[name].minimum, BY_NAME[name].maximum), widget
+
+
+def test_parameter_node_takes_names_ranges_and_defaults_from_settings():
+    """DiffSeg.py cannot be imported here (PythonQt, parameterNodeWrapper), so its parameter node is read as text:
+    each run setting keeps settings.py's name, range (or choices) and default."""
+    from DiffSegLib.logic import MODEL_SETTINGS
+
+    from DiffSegCore.settings import BY_NAME
+
+    fields = re.search(r"class DiffSegParameterNode:(.*?)\n\n\n", MODULE_FILE.read_text(), re.S).group(1)
+    for name in ("steps", "ensemble", "preseg_step", "seed"):
+        assert re.search(rf'^\s+{name}: Annotated\[int, _range\("{name}"\)\]', fields, re.M), name
+    for name, choices in (("sampler", "SAMPLERS"), ("device", "DEVICES")):
+        assert re.search(rf"^\s+{name}: Annotated\[str, Choice\(list\({choices}\)\)\]", fields, re.M), name
+    for name in ("steps", "ensemble", "sampler", "device", "seed"):
+        assert re.search(rf'^\s+{name}: .* = BY_NAME\["{name}"\]\.default$', fields, re.M), name
+    # a chosen model's own defaults replace the model-dependent ones (DiffSegWidget._applyModelDefaults)
+    assert set(MODEL_SETTINGS) <= {n for n, s in BY_NAME.items() if s.model_default}
