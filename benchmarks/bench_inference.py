@@ -28,6 +28,8 @@ from benchlib import (
 )
 from diffseg_case import BUNDLED_MODEL, extrapolate, measure
 
+from DiffSegCore.settings import DEVICES, WINDOWS
+
 COLUMNS = [
     ("network", "network"),
     ("size", "input"),
@@ -59,7 +61,7 @@ def configurations(args, gpu: bool) -> list[dict]:
             {"network": network, "size": "hippocampus", "window": "full", "steps": args.steps, "members": args.members}
             | {"repeat": 2}
         )
-    for window in ("full", "sliding"):
+    for window in (w for w in WINDOWS if w != "auto"):
         configs.append({"network": "default", "size": "brats", "window": window, "steps": large_k, "members": large_n})
     return configs
 
@@ -85,7 +87,7 @@ def summarise(row: dict, args, peak_tflops: float | None) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--device", default="auto", choices=DEVICES)
     parser.add_argument("--steps", type=int, default=5, help="K of the full segmentation")
     parser.add_argument("--members", type=int, default=5, help="N of the full segmentation")
     parser.add_argument("--large-steps", type=int, help="K at 240x240x155 (default: 1 on CPU, K on GPU)")

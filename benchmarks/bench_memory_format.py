@@ -20,6 +20,7 @@ from diffseg_case import BUNDLED_MODEL
 
 from DiffSegCore.models.bundle import load_bundle
 from DiffSegCore.networks.unet import build_network
+from DiffSegCore.settings import DEVICES
 
 LAYOUTS = {"default": torch.contiguous_format, "channels_last_3d": torch.channels_last_3d}
 COLUMNS = [
@@ -61,7 +62,7 @@ def measure(name: str, network, shape: tuple[int, ...], device, repeats: int) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--device", default="auto", choices=DEVICES)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     device = resolve_device(args.device)

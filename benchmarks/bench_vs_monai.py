@@ -44,6 +44,8 @@ from monai.inferers import DiffusionInferer, sliding_window_inference
 from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler
 
+from DiffSegCore.settings import DEVICES
+
 NUM_CLASSES = 3
 WINDOW = (96, 96, 96)  # the core's default sliding window
 MULTIPLE = 8  # DiffusionModelUNet needs sizes divisible by 2^(levels-1)
@@ -310,7 +312,7 @@ def plot(rows: list[dict], measured: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--device", default="auto", choices=DEVICES)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--members", type=int, default=2, help="N (default 2 to keep the CPU run short)")
     parser.add_argument("--large-cpu", action="store_true", help="run 240x240x155 on the CPU too (K=1, N=1)")

@@ -26,7 +26,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 RESULTS = REPO / "benchmarks" / "results"
-HIPPOCAMPUS = Path("/work/shared/data/hippocampus/imagesTr/hippocampus_004.nii.gz")
+# The shared data sit beside the checkout (../shared/data), as the tests expect; DIFFSEG_STUDY_DATA overrides.
+HIPPOCAMPUS_DIR = Path(os.environ.get("DIFFSEG_STUDY_DATA") or REPO.parent / "shared" / "data" / "hippocampus")
+HIPPOCAMPUS = HIPPOCAMPUS_DIR / "imagesTr" / "hippocampus_004.nii.gz"
 BRATS_SHAPE = (155, 240, 240)  # (z, y, x) of a 240x240x155 BraTS volume
 PATCHDDM_A100 = {"shape": [256, 256, 256], "seconds_per_eval": 1.02, "memory_gb": 24.0, "source": "bieder2023 Table 1"}
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets, in TFLOP/s.

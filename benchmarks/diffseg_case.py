@@ -23,9 +23,12 @@ from benchlib import (
 )
 from monai.data.utils import dense_patch_slices
 
-from DiffSegCore.inference import ensemble as inference
+from DiffSegCore.inference import predictor
+from DiffSegCore.inference.ensemble import predict_volume
+from DiffSegCore.inference.plan import make_plan, member_bytes
 from DiffSegCore.models.bundle import ModelBundle, load_bundle
 from DiffSegCore.networks.unet import build_network, network_defaults
+from DiffSegCore.settings import resolve
 
 BUNDLED_MODEL = REPO / "Resources" / "Models" / "hippocampus"
 OVERLAP = 0.25  # the core's sliding-window overlap
@@ -82,29 +85,24 @@ def measure(config: dict) -> dict:
     bundle = get_bundle(config["network"])
     image = input_image(config["size"])
     shape = tuple(image.shape[1:])
-    settings = inference.SegmentSettings(
-        steps=config["steps"],
-        ensemble=config["members"],
-        sampler="ddim",
-        device=device.type,
-        window=config["window"],
-    )
-    plan = inference.make_plan(bundle, shape, settings.with_defaults(bundle.meta), config["members"])
-    timer = EvalTimer(inference._evaluate, device)
-    inference._evaluate = timer  # time every network evaluation inside the real sampling loop
+    chosen = {"steps": config["steps"], "ensemble": config["members"], "sampler": "ddim", "device": device.type}
+    settings = resolve(bundle.meta, {**chosen, "window": config["window"]})
+    plan = make_plan(bundle, shape, settings)
+    timer = EvalTimer(predictor.evaluate_network, device)
+    predictor.evaluate_network = timer  # time every network evaluation inside the real sampling loop
     baseline = start_memory(device)
     runs = []
     for _ in range(config.get("repeat", 1)):
         synchronize(device)
         start = time.perf_counter()
-        inference.predict_volume(bundle, image, settings)
+        predict_volume(bundle, image, settings)
         synchronize(device)
         runs.append(time.perf_counter() - start)
     peak = peak_memory(device)
     eval_shape = plan.window or shape
     flops, activations = network_cost(bundle.network, bundle.network.in_channels, eval_shape)
     windows = window_count(shape, plan.window) if plan.window else 1
-    estimate = inference.member_bytes(bundle.network, eval_shape, 2 if device.type == "cuda" else 4)
+    estimate = member_bytes(bundle.network, eval_shape, 2 if device.type == "cuda" else 4)
     return {
         "device": str(device),
         "shape_zyx": list(shape),

@@ -27,15 +27,18 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from DiffSegCore.evaluation.metrics import case_metrics  # noqa: E402
-from DiffSegCore.inference.ensemble import SegmentSettings, predict_volume  # noqa: E402
 from DiffSegCore.inference.ensemble import member_probabilities as sampled_members  # noqa: E402
+from DiffSegCore.inference.ensemble import predict_volume  # noqa: E402
+from DiffSegCore.io import atomic  # noqa: E402
 from DiffSegCore.models.bundle import ModelBundle, load_bundle  # noqa: E402
 from DiffSegCore.networks.unet import build_network  # noqa: E402
+from DiffSegCore.settings import resolve  # noqa: E402
 from DiffSegCore.training.cache import CachedCase, build_cache  # noqa: E402
 from DiffSegCore.training.datasets import find_cases, split_cases  # noqa: E402
 from DiffSegCore.training.loop import TrainConfig, read_best, train  # noqa: E402
 
-DATA = Path(os.environ.get("DIFFSEG_STUDY_DATA", "/work/shared/data/hippocampus"))
+# The shared data sit beside the checkout (../shared/data), as the tests expect; DIFFSEG_STUDY_DATA overrides.
+DATA = Path(os.environ.get("DIFFSEG_STUDY_DATA") or REPO.parent / "shared" / "data" / "hippocampus")
 BUNDLE = REPO / "Resources" / "Models" / "hippocampus"
 RESULTS = REPO / "benchmarks" / "results"
 RUNS = REPO / "runs" / "studies"
@@ -214,7 +217,7 @@ def train_arm(
     cpu, wall = time.process_time() - cpu, time.monotonic() - wall
     record = {"config": asdict(config), "cpu_seconds": cpu, "wall_seconds": wall}
     (run_dir / "checkpoint.safetensors").unlink(missing_ok=True)  # only the final weights are needed
-    done.write_text(json.dumps(record, indent=1))
+    atomic.write_text(done, json.dumps(record, indent=1))  # its presence says the arm is done
     return Arm(name, run_dir, record["config"], cpu, wall, len(cases))
 
 
@@ -267,7 +270,8 @@ def unet_labels(bundle: ModelBundle, image: np.ndarray) -> torch.Tensor:
 def score_arm(arm: Arm, data: Data, budget: Budget) -> dict:
     """Per-case and mean scores of a trained arm on the scored validation cases."""
     bundle = arm_bundle(arm, data.num_classes)
-    settings = SegmentSettings(steps=budget.eval_steps, ensemble=budget.eval_members, sampler="ddim", device="cpu")
+    chosen = {"steps": budget.eval_steps, "ensemble": budget.eval_members, "sampler": "ddim", "device": "cpu"}
+    settings = resolve(bundle.meta, chosen)
     cases = []
     for case in data.validation:
         image, truth = case.load()
@@ -340,7 +344,7 @@ def bundle_fingerprint(bundle: ModelBundle) -> str:
 def member_probabilities(
     bundle: ModelBundle,
     case: CachedCase,
-    settings: SegmentSettings,
+    settings: dict,
     members: int,
     preseg_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -350,18 +354,17 @@ def member_probabilities(
     Cached on disk as float16 because the sampler studies share them; the key holds the settings
     and the pre-segmentation mask's content.
     """
-    run = SegmentSettings(**{**asdict(settings), "ensemble": members, "seed": 0, "device": "cpu"})
+    run = resolve(bundle.meta, {**settings, "ensemble": members, "seed": 0, "device": "cpu"})
     mask = None if preseg_mask is None else hashlib.sha256(preseg_mask.numpy().tobytes()).hexdigest()
-    key = cache_key({"bundle": bundle_fingerprint(bundle), "case": case.name, "s": asdict(run), "mask": mask})
+    key = cache_key({"bundle": bundle_fingerprint(bundle), "case": case.name, "s": run.to_json(), "mask": mask})
     path = RUNS / "members" / f"{case.name}-{key}.npy"
     if path.exists():
         return torch.from_numpy(np.load(path).astype(np.float32))
     image, _ = case.load()
     probs = sampled_members(bundle, torch.from_numpy(image), run, preseg_mask=preseg_mask).float()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, probs.numpy().astype(np.float16))
-    os.replace(tmp, path)
+    with atomic.atomic_path(path) as tmp:  # tmp ends in .npy, so numpy writes to it as named
+        np.save(tmp, probs.numpy().astype(np.float16))
     return probs
 
 
@@ -384,9 +387,7 @@ def write_result(study: str, payload: dict, smoke: bool) -> Path:
         "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         **payload,
     }
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1, default=float) + "\n")
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps(record, indent=1, default=float) + "\n")
     print(f"wrote {path}")
     return path
 
@@ -394,8 +395,8 @@ def write_result(study: str, payload: dict, smoke: bool) -> Path:
 def save_figure(fig, study: str, smoke: bool) -> Path:
     path = output_dir(smoke) / f"{study}.png"
     fig.tight_layout()
-    fig.savefig(path.with_suffix(".tmp.png"), dpi=110)
-    os.replace(path.with_suffix(".tmp.png"), path)
+    with atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     return path
 
 

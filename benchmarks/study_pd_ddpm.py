@@ -24,7 +24,9 @@ from studies_common import (
 )
 
 from DiffSegCore.diffusion.schedules import training_schedule
-from DiffSegCore.inference.ensemble import SegmentSettings, make_plan, presegment
+from DiffSegCore.inference.plan import make_plan
+from DiffSegCore.inference.predictor import presegment
+from DiffSegCore.settings import SAMPLERS, resolve
 
 STUDY = "study_pd_ddpm"
 SHIFT = 3  # voxels along y (anterior-posterior)
@@ -62,7 +64,7 @@ DEGRADATIONS = ("eroded", "dilated", "shifted", "class_dropped", "empty")
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--members", type=int, default=3, help="ensemble size for every cell")
-    p.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm"))
+    p.add_argument("--sampler", default="ddim", choices=SAMPLERS)
     args = p.parse_args()
     budget = budget_from(args)
     bundle = default_bundle(args.bundle)
@@ -78,7 +80,7 @@ def main() -> None:
     truths = [torch.from_numpy(case.load()[1].astype(np.int64)) for case in data.validation]
     sources: dict[str, list[torch.Tensor]] = {}
     if bundle.preseg_network is not None:
-        plan = make_plan(bundle, tuple(images[0].shape[1:]), SegmentSettings(device="cpu"), 1)
+        plan = make_plan(bundle, tuple(images[0].shape[1:]), resolve(bundle.meta, {"device": "cpu", "ensemble": 1}))
         model = [presegment(bundle, image, plan) for image in images]
         sources["model"] = model
         for how in DEGRADATIONS:
@@ -92,14 +94,9 @@ def main() -> None:
             [{"case": c.name, **score_case(m, t.numpy(), data)} for c, m, t in zip(data.validation, masks, truths)]
         )
         for start in starts:
-            settings = SegmentSettings(
-                steps=trained_steps,
-                sampler=args.sampler,
-                eta=0.0,
-                preseg=f"mask:{source}",
-                preseg_step=start,
-                device="cpu",
-            )
+            # From T' sampling takes every trained step T'..0; preseg names the mask for the cache key.
+            settings = {"steps": start + 1, "sampler": args.sampler, "eta": 0.0, "preseg": f"mask:{source}"}
+            settings["preseg_step"] = start
             cases = []
             for case, mask, truth in zip(data.validation, masks, truths):
                 probs = member_probabilities(bundle, case, settings, members, preseg_mask=mask)
@@ -123,7 +120,7 @@ def main() -> None:
         probs = member_probabilities(
             bundle,
             case,
-            SegmentSettings(steps=trained_steps, sampler=args.sampler, eta=0.0, preseg="none", device="cpu"),
+            {"steps": trained_steps, "sampler": args.sampler, "eta": 0.0, "preseg": "none"},
             members,
         )
         baseline.append({"case": case.name, **score_case(probs.mean(0).argmax(0), truth.numpy(), data)})

@@ -24,7 +24,6 @@ from studies_common import (
 )
 
 from DiffSegCore.diffusion.schedules import training_schedule
-from DiffSegCore.inference.ensemble import SegmentSettings
 
 STUDY = "study_steps_ensemble"
 STEPS = (1, 2, 3, 5, 10, 20)
@@ -32,8 +31,8 @@ ENSEMBLES = (1, 2, 3, 5, 8)
 SAMPLERS = (("ddpm", 0.0), ("ddim", 0.0))
 
 
-def sampler_settings(sampler: str, eta: float, steps: int) -> SegmentSettings:
-    return SegmentSettings(steps=steps, sampler=sampler, eta=eta, preseg="none", device="cpu")
+def sampler_settings(sampler: str, eta: float, steps: int) -> dict:
+    return {"steps": steps, "sampler": sampler, "eta": eta, "preseg": "none"}
 
 
 def main() -> None:

@@ -24,12 +24,11 @@ from studies_common import (
 )
 
 from DiffSegCore.diffusion.schedules import training_schedule
-from DiffSegCore.inference.ensemble import SegmentSettings
 from DiffSegCore.inference.ensemble import reduce_members
+from DiffSegCore.settings import SAMPLERS
 
 STUDY = "study_uncertainty"
 ENSEMBLES = (2, 3, 5, 8)
-SAMPLERS = ("ddpm", "ddim")
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -102,7 +101,7 @@ def main() -> None:
     truths = [case.load()[1] for case in data.validation]
     results = []
     for sampler, steps in ((s, k) for s in SAMPLERS for k in step_counts):
-        settings = SegmentSettings(steps=steps, sampler=sampler, eta=0.0, preseg="none", device="cpu")
+        settings = {"steps": steps, "sampler": sampler, "eta": 0.0, "preseg": "none"}
         members = [member_probabilities(bundle, case, settings, max(sizes)) for case in data.validation]
         for n in sizes:
             row = {"sampler": sampler, "steps": steps, **analyse(members, truths, n, data)}

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 from pathlib import Path
+
+from DiffSegCore.io.atomic import write_text
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -24,6 +25,4 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def write_json(path: Path, data) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(data, indent=1) + "\n")

@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+from DiffSegCore import settings
 from DiffSegCore.cli.records import command_line, write_json
 from DiffSegCore.errors import InputError
 
@@ -61,7 +62,7 @@ def add_train_parser(subparsers) -> None:
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--workers", type=int, default=d.workers, help="data loader processes")
     g.add_argument("--threads", type=int, default=1, help="CPU threads (1 is fastest on a shared CPU)")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d.device)
+    g.add_argument("--device", choices=settings.DEVICES, default=d.device)
     g.add_argument("--no-amp", dest="amp", action="store_false", help="no bf16 autocast on GPU")
     g = p.add_argument_group("bundle")
     g.add_argument("--bundle", help="bundle folder to write (default: OUTPUT/bundle)")

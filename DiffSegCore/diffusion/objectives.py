@@ -20,14 +20,29 @@ _dice_ce_probs = DiceCELoss(include_background=False, to_onehot_y=True, softmax=
 
 
 def segmentation_loss(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    """Foreground Dice + cross-entropy on logits against (B, 1, ...) class numbers."""
+    """Foreground Dice + cross-entropy on logits.
+
+    Args:
+        logits: network output, (B, K, *S).
+        label: class numbers, (B, 1, *S).
+
+    Returns:
+        scalar loss.
+    """
     return _dice_ce(logits.float(), label)
 
 
 def probability_loss(x0: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    """Dice + cross-entropy on an x0 estimate in [-1, 1] (for eps prediction, whose output is no logits).
+    """Foreground Dice + cross-entropy on an x0 estimate (for eps prediction, whose output is no logits).
 
-    MONAI's CE takes logits, so the log of the probabilities is passed: softmax(log p) = p.
+    MONAI's CE takes logits, so the negative log-likelihood of the probabilities is taken directly.
+
+    Args:
+        x0: mask estimate in [-1, 1], (B, K, *S).
+        label: class numbers, (B, 1, *S).
+
+    Returns:
+        scalar loss.
     """
     probs = x0_to_probabilities(x0.float().clamp(-1, 1))
     dice = _dice_ce_probs.dice(probs, label)
@@ -53,10 +68,22 @@ def diffusion_loss(
 ) -> torch.Tensor:
     """One batch of the diffusion objective.
 
-    inputs: (B, C, ...) image (+ coordinate) channels; label: (B, 1, ...) class numbers.
     With recycling (fu2023 section 3.2), the noisy mask at t is made from the network's own
     (gradient-stopped) x0 prediction at t+1 instead of the ground truth; at the last step, where no
     t+1 exists, the prediction at that step itself is recycled.
+
+    Args:
+        network: denoiser taking (B, C + K, *S) and steps (B,), returning (B, K, *S); may be wrapped in DDP.
+        inputs: image (+ coordinate) channels, (B, C, *S).
+        label: class numbers, (B, 1, *S).
+        schedule: the training schedule; steps t are drawn from its indices.
+        prediction: "x0" or "eps".
+        recycling: whether to recycle the prediction at t+1.
+        generator: source of the steps and noise, on the device of `inputs`.
+        eps_weight: weight of the noise MSE for eps prediction.
+
+    Returns:
+        scalar loss.
     """
     device = inputs.device
     steps = len(schedule)
@@ -87,4 +114,5 @@ def unwrap(network: torch.nn.Module) -> torch.nn.Module:
 
 
 def network_classes(network: torch.nn.Module) -> int:
+    """K, the classes (output channels) of a network, wrapped or not."""
     return unwrap(network).num_classes

@@ -14,9 +14,10 @@ from DiffSegCore.diffusion.masks import PREDICTIONS, predict_x0, x0_to_probabili
 from DiffSegCore.diffusion.process import eps_from_x0, posterior_mean_from_x0, posterior_variance, q_sample
 from DiffSegCore.diffusion.schedules import NoiseSchedule
 from DiffSegCore.errors import InputError
+from DiffSegCore.settings import SAMPLERS
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-SAMPLERS = ("ddpm", "ddim")
+"""(x_t (B, K, *S), training-step indices (B,)) -> raw network output (B, K, *S)."""
 
 
 def member_generators(seed: int, first: int, count: int) -> list[torch.Generator]:
@@ -25,7 +26,16 @@ def member_generators(seed: int, first: int, count: int) -> list[torch.Generator
 
 
 def start_noise(shape: tuple[int, ...], generators: list[torch.Generator], like: torch.Tensor) -> torch.Tensor:
-    """Standard normal noise, one row per generator, moved to the device of `like`."""
+    """Standard normal noise, one row per generator, moved to the device of `like`.
+
+    Args:
+        shape: (B, K, *S), with B = len(generators).
+        generators: one CPU generator per row.
+        like: any tensor on the target device.
+
+    Returns:
+        float32 noise, (B, K, *S).
+    """
     rows = [torch.randn(shape[1:], generator=g) for g in generators]
     return torch.stack(rows).to(device=like.device, dtype=torch.float32)
 
@@ -37,7 +47,18 @@ def initial_state(
     like: torch.Tensor,
     preseg: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x at the first sampling step: pure noise, or a pre-segmentation diffused there (PD-DDPM)."""
+    """x at the first sampling step: pure noise, or a pre-segmentation diffused there (PD-DDPM).
+
+    Args:
+        schedule: the sampling schedule; its last (noisiest) step is where sampling starts.
+        shape: (B, K, *S), with B = len(generators).
+        generators: one CPU generator per row.
+        like: any tensor on the target device.
+        preseg: optional pre-segmentation in diffusion space (one-hot * 2 - 1), (B, K, *S).
+
+    Returns:
+        float32 x, (B, K, *S).
+    """
     noise = start_noise(shape, generators, like)
     if preseg is None:
         return noise
@@ -55,9 +76,22 @@ def sample(
     generators: list[torch.Generator],
     on_step: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
-    """Denoise x from the schedule's last step to its first; returns class probabilities.
+    """Denoise x from the schedule's last step to its first.
 
     The result is the network's x0 estimate at the final (least noisy) step, as in ImgX-DiffSeg.
+
+    Args:
+        denoise: the network, (x_t (B, K, *S), steps (B,)) -> output (B, K, *S).
+        schedule: the kept steps to walk, noisiest last.
+        x: the state at the schedule's last step, (B, K, *S).
+        prediction: what the network outputs, "x0" (logits) or "eps" (noise).
+        sampler: "ddim" or "ddpm".
+        eta: DDIM's noise scale (0: deterministic).
+        generators: one CPU generator per row of x, for the noise added on the way.
+        on_step: called with (steps done, steps in all) after each network evaluation.
+
+    Returns:
+        class probabilities, (B, K, *S).
     """
     if sampler not in SAMPLERS:
         raise InputError(f"unknown sampler '{sampler}'; use one of {', '.join(SAMPLERS)}")

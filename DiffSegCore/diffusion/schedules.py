@@ -18,7 +18,12 @@ from DiffSegCore.errors import InputError
 
 @dataclass(frozen=True)
 class NoiseSchedule:
-    """alpha_bar per step (float64) and, per step, the training-step index fed to the network."""
+    """A noise schedule over T kept steps.
+
+    Attributes:
+        alpha_bar: cumulative signal fraction per step, float64, (T,), decreasing.
+        timesteps: training-step index fed to the network per step, int64, (T,).
+    """
 
     alpha_bar: torch.Tensor
     timesteps: torch.Tensor
@@ -28,6 +33,7 @@ class NoiseSchedule:
 
     @property
     def betas(self) -> torch.Tensor:
+        """beta_k = 1 - alpha_bar_k / alpha_bar_{k-1} per kept step, float64, (T,)."""
         previous = torch.cat([self.alpha_bar.new_ones(1), self.alpha_bar[:-1]])
         return 1.0 - self.alpha_bar / previous
 

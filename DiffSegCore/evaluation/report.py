@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ import numpy as np
 from DiffSegCore.errors import InputError, ModelError
 from DiffSegCore.evaluation.metrics import case_metrics
 from DiffSegCore.inference.pipeline import OutputOptions, on_input_grid, run_case
+from DiffSegCore.io.atomic import write_text
 from DiffSegCore.io.cases import collect_cases, group_by_case, volume_files
 from DiffSegCore.io.volumes import read_volume, to_array
 from DiffSegCore.models.bundle import ModelBundle
@@ -136,6 +136,4 @@ def record_metrics(bundle_path: Path, report: dict, name: str = "validation") ->
     if name == "validation":  # the measured time per case on this device kind is the panel's expected time
         kind = "gpu" if report["device"].startswith("cuda") else "cpu"
         meta["expected_seconds"] = {**meta.get("expected_seconds", {}), kind: round(mean["seconds_per_case"], 1)}
-    tmp = model_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, model_file)
+    write_text(model_file, json.dumps(meta, indent=2) + "\n")

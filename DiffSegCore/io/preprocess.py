@@ -88,16 +88,30 @@ def intensity_warnings(images: list[sitk.Image], meta: dict) -> list[str]:
 
 
 def coordinate_channels(shape: tuple[int, int, int]) -> torch.Tensor:
-    """Global voxel coordinates in [-1, 1] per axis, shape (3, *shape) (bieder2023).
+    """Global voxel coordinates in [-1, 1] per axis (bieder2023).
 
     MONAI's AddCoordinateChannels uses [-0.5, 0.5]; PatchDDM trains on [-1, 1].
+
+    Args:
+        shape: the volume's size S = (z, y, x).
+
+    Returns:
+        float32 coordinates, (3, *S); an axis of size 1 is all 0.
     """
     axes = [torch.linspace(-1.0, 1.0, n) if n > 1 else torch.zeros(1) for n in shape]
     return torch.stack(torch.meshgrid(*axes, indexing="ij"))
 
 
 def prepare_image(images: list[sitk.Image], meta: dict) -> tuple[torch.Tensor, sitk.Image]:
-    """Channels resampled and normalised to the model spec: (C, z, y, x) tensor and its grid image."""
+    """Channels resampled and normalised to the model spec.
+
+    Args:
+        images: one 3D volume per channel of meta["channels"], on one grid.
+        meta: the model's metadata (channels with their normalisation, spacing).
+
+    Returns:
+        the float32 image, (C, z, y, x), and the first channel resampled, whose grid it lies on.
+    """
     channels = meta["channels"]
     if len(images) != len(channels):
         names = ", ".join(c.get("name", "?") for c in channels)

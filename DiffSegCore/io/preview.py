@@ -10,6 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from DiffSegCore.io.atomic import atomic_path
+
 
 def preview_slices(labels: np.ndarray, count: int = 3) -> list[int]:
     """Axial (first-axis) slices spread over the segmented extent, or the middle of the volume."""
@@ -36,6 +38,7 @@ def write_preview(image: np.ndarray, labels: np.ndarray, uncertainty: np.ndarray
             ax.axis("off")
     fig.colorbar(heat, ax=axes[1, :].tolist(), shrink=0.8, label="variance across members")
     fig.suptitle("DiffSeg: segmentation (top) and uncertainty (bottom)")
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
     return path

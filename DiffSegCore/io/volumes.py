@@ -8,7 +8,6 @@ import math
 import os
 import re
 import struct
-import tempfile
 import zlib
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from DiffSegCore.errors import InputError, RuntimeFault
+from DiffSegCore.io.atomic import atomic_path
 from DiffSegCore.io.cases import VOLUME_SUFFIXES
 
 NIFTI2_HEADER = 540
@@ -195,27 +195,15 @@ def _check_written(path: Path) -> None:
         os.fsync(stream.fileno())
 
 
-def _default_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def write_image_atomic(image: sitk.Image, path: str | Path) -> Path:
     """Write to a temporary name in the target folder, check it, then rename: never a half-written file."""
     path = Path(path)
     suffix = next((s for s in VOLUME_SUFFIXES if path.name.lower().endswith(s)), path.suffix)
-    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-        os.close(fd)
-        sitk.WriteImage(image, tmp, useCompression=True)
-        _check_written(Path(tmp))
-        os.chmod(tmp, _default_mode())  # mkstemp creates 0600 files; outputs get the usual permissions
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=suffix) as tmp:
+            sitk.WriteImage(image, str(tmp), useCompression=True)
+            _check_written(tmp)
     except (RuntimeError, OSError, InputError) as exc:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, RuntimeError):
             reason = _itk_reason(exc)
         elif isinstance(exc, OSError):
@@ -223,8 +211,4 @@ def write_image_atomic(image: sitk.Image, path: str | Path) -> Path:
         else:
             reason = "the written file came out incomplete"
         raise RuntimeFault(f"cannot write {path} ({reason}); check free disk space and write permission") from None
-    except BaseException:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        raise
     return path

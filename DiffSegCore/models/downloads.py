@@ -22,7 +22,7 @@ from urllib3.exceptions import ReadTimeoutError
 from DiffSegCore import __version__
 from DiffSegCore.errors import ModelError
 
-Progress = Callable[[int, int | None], None]
+ByteProgress = Callable[[int, int | None], None]
 """Called with (bytes on disk, expected total or None) as a download advances."""
 
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -92,7 +92,7 @@ def download_file(
     sha256: str,
     size: int | None = None,
     *,
-    progress: Progress | None = None,
+    progress: ByteProgress | None = None,
     timeout: tuple[float, float] = DEFAULT_TIMEOUT,
     retries: int = 4,
     backoff: float = 1.0,
@@ -129,7 +129,7 @@ def download_file(
     return dest
 
 
-def _bar_callback(bar: tqdm) -> Progress:
+def _bar_callback(bar: tqdm) -> ByteProgress:
     def update(done: int, total: int | None) -> None:
         if total is not None and bar.total != total:
             bar.total = total
@@ -157,7 +157,7 @@ def _fetch_with_retries(url, part, size, progress, timeout, retries, backoff) ->
     raise DownloadError(f"{message} (gave up after {retries + 1} attempts; run the command again to resume)")
 
 
-def _fetch(url: str, part: Path, size: int | None, progress: Progress, timeout: tuple[float, float]) -> None:
+def _fetch(url: str, part: Path, size: int | None, progress: ByteProgress, timeout: tuple[float, float]) -> None:
     """One request: continue `part` from its current length, or start it over."""
     have = part.stat().st_size if part.exists() else 0
     if size is not None and have > size:

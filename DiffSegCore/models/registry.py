@@ -32,15 +32,15 @@ import platformdirs
 from filelock import FileLock
 
 from DiffSegCore.errors import ModelError
-from DiffSegCore.models.downloads import Progress, download_file, fetch_bytes
+from DiffSegCore.io.atomic import write_text
+from DiffSegCore.models.downloads import ByteProgress, download_file, fetch_bytes
+from DiffSegCore.models.metadata import MODEL_FILE
+from DiffSegCore.models.safety import folder_members, refuse_pickles
 from DiffSegCore.resources import resource_path
 
 HOME_ENV = "DIFFSEG_HOME"
 REGISTRY_ENV = "DIFFSEG_REGISTRY"
 INSTALL_FILE = "install.json"
-MODEL_FILE = "model.json"
-# Weight formats that unpickle on load; checked by content, see _pickled.
-PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
 _MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # as in the schemas
 _SEMVER = re.compile(r"(\d+)\.(\d+)\.(\d+)(?:-([0-9A-Za-z.-]+))?(?:\+[0-9A-Za-z.-]+)?")
 
@@ -166,9 +166,7 @@ def _fetch_registry(url: str) -> str:
         warnings.warn(f"using the saved copy of the model registry {url}: {exc}", stacklevel=3)
         return copy.read_text()
     copy.parent.mkdir(parents=True, exist_ok=True)
-    staging = copy.with_name(f"{copy.name}.{os.getpid()}.tmp")
-    staging.write_text(text)
-    os.replace(staging, copy)
+    write_text(copy, text)
     return text
 
 
@@ -306,7 +304,7 @@ def _looks_like_path(ref: str) -> bool:
     return os.sep in ref or "/" in ref or ref.endswith((".zip", ".json")) or ref.startswith((".", "~"))
 
 
-def resolve_model(ref: str, download: bool = True, progress: Progress | None = None) -> Path:
+def resolve_model(ref: str, download: bool = True, progress: ByteProgress | None = None) -> Path:
     """A bundle path for `ref`: an existing bundle path, or a model `id` / `id@version`.
 
     A registry model not yet in the cache is downloaded only when `download` is true (the
@@ -348,7 +346,7 @@ def resolve_model(ref: str, download: bool = True, progress: Progress | None = N
     return _download(model_id, spec, progress)
 
 
-def _download(model_id: str, spec: dict, progress: Progress | None) -> Path:
+def _download(model_id: str, spec: dict, progress: ByteProgress | None) -> Path:
     version = spec["version"]
     home = models_home()
     target = _version_dir(model_id, version)
@@ -373,32 +371,6 @@ def _download(model_id: str, spec: dict, progress: Progress | None) -> Path:
 
 # ---------------------------------------------------------------------------------------------
 # installing (download or import), removing
-
-
-def _pickled(path: Path) -> bool:
-    """True for pickle streams and torch's zip checkpoints (a zip holding a .pkl)."""
-    with open(path, "rb") as stream:
-        head = stream.read(4)
-    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
-        return True
-    if head == b"PK\x03\x04":
-        try:
-            with zipfile.ZipFile(path) as archive:
-                return any(name.endswith(".pkl") for name in archive.namelist())
-        except zipfile.BadZipFile:
-            return False
-    return False
-
-
-def _refuse_pickles(root: Path, shown_as: str) -> None:
-    for path in sorted(root.rglob("*")):
-        # safetensors headers can start like a pickle, so only other files are sniffed.
-        if path.is_file() and path.suffix not in (".safetensors", ".json") and _pickled(path):
-            raise ModelError(
-                f"{path.relative_to(root)} in {shown_as} holds pickled weights, which DiffSeg never loads (unpickling "
-                'can run code); convert them: python -c "import torch, safetensors.torch as st; '
-                f"st.save_file(torch.load('{path.name}', weights_only=True), 'diffusion.safetensors')\""
-            )
 
 
 def _unpack(source: Path, staging: Path) -> Path:
@@ -443,7 +415,7 @@ def _install(source: Path, record: dict, expect: tuple[str, str] | None = None, 
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=cache))
     try:
         root = _unpack(source, staging / "bundle")
-        _refuse_pickles(root, str(source))
+        refuse_pickles(folder_members(root), str(source))  # named as the user gave it; validate_bundle checks again
         meta = validate_bundle(root)
         _check_meta(meta, str(source))
         found = (meta["id"], meta["version"])
@@ -479,7 +451,7 @@ def import_model(path: str | Path, replace: bool = False) -> str:
     if not source.exists():
         raise ModelError(f"{source} does not exist; pass a bundle folder or .zip")
     registry = _load_registry()
-    from DiffSegCore.models.bundle import read_meta  # torch is needed only here
+    from DiffSegCore.models.metadata import read_meta
 
     meta = read_meta(source)
     entry = registry.models.get(meta["id"])

@@ -32,7 +32,15 @@ def network_defaults() -> dict:
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal embedding of the (integer) training-step index."""
+    """Sinusoidal embedding of the (integer) training-step index.
+
+    Args:
+        t: training-step indices, (B,).
+        dim: embedding size D (even).
+
+    Returns:
+        float32 embedding, (B, D): sines then cosines.
+    """
     half = dim // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
     args = t.float()[:, None] * freqs[None]
@@ -44,7 +52,10 @@ def _groups(channels: int) -> int:
 
 
 class ResBlock(nn.Module):
-    """conv-norm-SiLU twice with a residual path; the time embedding shifts the features."""
+    """norm-SiLU-conv twice with a residual path; the time embedding shifts the features.
+
+    forward(x (B, in_ch, *S), emb (B, time_dim) or None) -> (B, out_ch, *S).
+    """
 
     def __init__(self, in_ch: int, out_ch: int, time_dim: int | None):
         super().__init__()
@@ -64,7 +75,10 @@ class ResBlock(nn.Module):
 
 
 class Level(nn.Module):
-    """A stack of ResBlocks at one resolution."""
+    """A stack of ResBlocks at one resolution.
+
+    forward(x (B, in_ch, *S), emb (B, time_dim) or None) -> (B, out_ch, *S).
+    """
 
     def __init__(self, in_ch: int, out_ch: int, blocks: int, time_dim: int | None):
         super().__init__()
@@ -83,6 +97,10 @@ class UNet3D(nn.Module):
     noisy mask (diffusion only, one channel per class)]; the output has one channel per class
     (logits for x0 prediction, noise for eps prediction). Any spatial size works: the input is
     padded to a multiple of the total downsampling and the output cropped back.
+
+    Args:
+        config: network config (see network_defaults): kind, image_channels, num_classes, coords,
+            widths, res_blocks, skip, time_dim.
     """
 
     def __init__(self, config: dict):
@@ -137,6 +155,15 @@ class UNet3D(nn.Module):
         return (skip + up) / 2
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+        """Evaluate the network.
+
+        Args:
+            x: input channels, (B, in_channels, *S), any spatial size S.
+            t: training-step indices, (B,); diffusion networks only.
+
+        Returns:
+            logits or noise, (B, num_classes, *S).
+        """
         size = x.shape[2:]
         pads = [(-s) % self.multiple for s in size]
         if any(pads):

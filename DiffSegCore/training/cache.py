@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +17,15 @@ from pathlib import Path
 import numpy as np
 
 from DiffSegCore.errors import InputError
+from DiffSegCore.io.atomic import atomic_path, write_text
 
 CACHE_VERSION = 1
 
 
 @dataclass(frozen=True)
 class CachedCase:
+    """A case preprocessed to a model spec, stored as one .npz at `path`."""
+
     name: str
     path: Path
 
@@ -94,17 +95,6 @@ def preprocess_case(case, meta: dict) -> tuple[np.ndarray, np.ndarray]:
     return image.numpy(), _label_array(read_volume(case.label), grid, case.name)
 
 
-def _write_atomic(path: Path, image: np.ndarray, label: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
-    os.close(fd)
-    try:
-        np.savez(tmp, image=image, label=label)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def build_cache(cases: list, meta: dict, cache_dir: str | Path, log: Callable[[str], None] = print) -> list[CachedCase]:
     """Preprocess the cases not yet cached for this spec; return all of them as cached entries."""
     cache_dir = Path(cache_dir)
@@ -115,7 +105,8 @@ def build_cache(cases: list, meta: dict, cache_dir: str | Path, log: Callable[[s
         path = cache_dir / f"{case.name}-{case_key(case, spec)}.npz"
         if not path.exists():
             image, label = preprocess_case(case, meta)
-            _write_atomic(path, image, label)
+            with atomic_path(path) as tmp:  # path ends in .npz, so numpy writes to tmp itself
+                np.savez(tmp, image=image, label=label)
             made += 1
         cached.append(CachedCase(case.name, path))
     log(f"preprocessing cache {cache_dir}: {made} case(s) prepared, {len(cases) - made} reused")
@@ -124,9 +115,7 @@ def build_cache(cases: list, meta: dict, cache_dir: str | Path, log: Callable[[s
 
 def write_index(path: Path, cached: list[CachedCase]) -> None:
     """The list of cached cases of a run, so training can be restarted from the cache alone."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({c.name: str(c.path.resolve()) for c in cached}, indent=1))
-    os.replace(tmp, path)
+    write_text(path, json.dumps({c.name: str(c.path.resolve()) for c in cached}, indent=1))
 
 
 def read_index(path: Path) -> list[CachedCase]:

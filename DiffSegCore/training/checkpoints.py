@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -17,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from DiffSegCore.errors import InputError
+from DiffSegCore.io.atomic import atomic_path, stale_temporaries
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -53,10 +53,17 @@ def save_checkpoint(
     info: dict,
     ema: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write network, EMA and optimizer state plus `info` (JSON-serialisable) to `path` atomically;
-    the checkpoint it replaces becomes `previous_path(path)`."""
+    """Write a checkpoint atomically; the checkpoint it replaces becomes `previous_path(path)`.
+
+    Args:
+        path: the checkpoint file.
+        model: the network's state dict (name -> tensor).
+        optimizer: the optimizer's state_dict(); its tensors are stored as tensors, the rest as JSON.
+        info: JSON-serialisable run state (step, history, best score).
+        ema: the EMA copy's state dict, or None.
+    """
     path = Path(path)
-    for stale in path.parent.glob(f".{path.name}.*"):  # left by a process killed mid-write
+    for stale in stale_temporaries(path):  # one writer per run, so these were left by a killed process
         stale.unlink(missing_ok=True)
     tensors = {f"model.{k}": v for k, v in model.items()}
     if ema is not None:
@@ -65,16 +72,10 @@ def save_checkpoint(
     tensors.update(optim_tensors)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     metadata = {"info": json.dumps(info), "optimizer": json.dumps(optim_meta)}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
         if path.exists():
             os.replace(path, previous_path(path))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _fallback_hint(path: Path, otherwise: str) -> str:
@@ -86,7 +87,11 @@ def _fallback_hint(path: Path, otherwise: str) -> str:
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict, dict, dict, dict | None]:
-    """(model state, optimizer state, info, EMA state or None) from a checkpoint file."""
+    """Read a checkpoint written by save_checkpoint.
+
+    Returns:
+        (model state dict, optimizer state_dict, info, EMA state dict or None), tensors on the CPU.
+    """
     path = Path(path)
     if not path.exists():
         raise InputError(f"no checkpoint at {path} to resume from; {_fallback_hint(path, 'start without --resume')}")

@@ -7,14 +7,13 @@ resumed from a checkpoint ends exactly where an uninterrupted one does.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,14 +25,17 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from DiffSegCore.diffusion.objectives import diffusion_loss, segmentation_loss
-from DiffSegCore.diffusion.samplers import member_generators, sample, start_noise
-from DiffSegCore.diffusion.schedules import respace, training_schedule
+from DiffSegCore.diffusion.schedules import training_schedule
 from DiffSegCore.errors import InputError
 from DiffSegCore.evaluation.metrics import dice_per_class
+from DiffSegCore.inference.predictor import conditioning, evaluate_network, sample_members, sampling_schedule
+from DiffSegCore.io.atomic import atomic_path, write_text
+from DiffSegCore.networks.precision import autocast
 from DiffSegCore.networks.unet import build_network
 from DiffSegCore.training.cache import CachedCase
 from DiffSegCore.training.checkpoints import load_checkpoint, save_checkpoint
-from DiffSegCore.training.samples import TrainingSamples, coordinates
+from DiffSegCore.training.config import OptimiserConfig, optimiser_step
+from DiffSegCore.training.samples import TrainingSamples
 
 CHECKPOINT = "checkpoint.safetensors"
 BEST = "best.safetensors"
@@ -41,7 +43,7 @@ CONFIG = "config.json"
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(OptimiserConfig):
     """Everything that determines a training run (saved as config.json in the run folder)."""
 
     kind: str = "diffusion"
@@ -59,12 +61,6 @@ class TrainConfig:
     coords: bool = False
     size: list[int] | None = None
     centre_bias: float = 0.25
-    batch: int = 2
-    iterations: int = 1000
-    lr: float = 1e-3
-    warmup: int = 100
-    weight_decay: float = 1e-4
-    clip: float = 1.0
     ema: float = 0.0
     eps_weight: float = 0.1
     augment: bool = True
@@ -76,11 +72,6 @@ class TrainConfig:
     workers: int = 0
     device: str = "auto"
     amp: bool = True
-
-    @classmethod
-    def from_json(cls, data: dict) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
     def check(self) -> None:
         if self.kind not in ("diffusion", "unet"):
@@ -116,6 +107,8 @@ class TrainConfig:
 
 @dataclass
 class Distributed:
+    """This process's place in a torchrun group (rank 0 of 1 without torchrun) and its device."""
+
     rank: int = 0
     world: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -141,15 +134,8 @@ def setup_distributed(device: str) -> Distributed:
     return Distributed(dist.get_rank(), world, torch.device(f"cuda:{local}" if use_cuda else "cpu"))
 
 
-def learning_rate(step: int, config: TrainConfig) -> float:
-    """Linear warmup, then cosine decay to zero; a function of the step so resuming needs no state."""
-    if step < config.warmup:
-        return config.lr * (step + 1) / config.warmup
-    progress = (step - config.warmup) / max(1, config.iterations - config.warmup)
-    return config.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
 def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
+    """A generator on `device` seeded by (seed, step, rank) alone, for the step's noise and diffusion steps."""
     state = int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
     return torch.Generator(device=device).manual_seed(state)
 
@@ -160,36 +146,33 @@ def training_size(cases: list[CachedCase], multiple: int) -> list[int]:
     return [int(math.ceil(n / multiple) * multiple) for n in shapes.max(axis=0)]
 
 
-def _autocast(device: torch.device, enabled: bool):
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 @torch.no_grad()
 def predict_labels(network, image: torch.Tensor, config: TrainConfig, seed: int = 0) -> torch.Tensor:
-    """A fast, one-member prediction for validation: (C, z, y, x) image -> (z, y, x) labels."""
+    """A fast, one-member prediction for validation, through the same sampler as a run.
+
+    Args:
+        network: the network being trained (not a DistributedDataParallel wrapper), in eval mode.
+        image: preprocessed image channels (C, z, y, x).
+        config: the run's config (kind, diffusion schedule, prediction, val_steps).
+        seed: seed of the member's noise.
+
+    Returns:
+        Labels (z, y, x) on the CPU.
+    """
     device = next(network.parameters()).device
-    cond = image
-    if config.coords:
-        cond = torch.cat([image, coordinates(tuple(image.shape[1:]))])
-    cond = cond[None].to(device)
-    with _autocast(device, config.amp):
+    cond = conditioning(network, image)
+    with torch.no_grad():
         if config.kind == "unet":
-            return network(cond).float()[0].argmax(0).cpu()
-        schedule = training_schedule(config.diffusion_config())
-        schedule = respace(schedule, min(config.val_steps, len(schedule)))
-        generators = member_generators(seed, 0, 1)
-        x = start_noise((1, network.num_classes, *cond.shape[2:]), generators, cond)
-
-        def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return network(torch.cat([cond, x_t.to(cond.dtype)], dim=1), t).float()
-
-        probs = sample(denoise, schedule, x, prediction=config.prediction, sampler="ddim", generators=generators)
+            return evaluate_network(network, cond[None].to(device), None, None)[0].argmax(0).cpu()
+        schedule = sampling_schedule(config.diffusion_config(), min(config.val_steps, config.train_steps))
+        probs = sample_members(
+            network, cond, schedule, prediction=config.prediction, sampler="ddim", eta=0.0, seed=seed, first=0, count=1
+        )
     return probs[0].argmax(0).cpu()
 
 
 def validate(network, cases: list[CachedCase], config: TrainConfig, num_classes: int) -> dict:
+    """Mean foreground Dice over the cases ("mean_dice") and per class ("dice_per_class"), via predict_labels."""
     network.eval()
     per_case = {}
     for case in cases:
@@ -225,20 +208,19 @@ def save_curve(path: Path, history: dict) -> None:
         dice_axis.set_ylim(0, 1)
     fig.legend(loc="upper center", ncol=3, fontsize=8)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _save_best(path: Path, weights: dict[str, torch.Tensor], info: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp, metadata={"info": json.dumps(info)})
-    os.replace(tmp, path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata={"info": json.dumps(info)})
 
 
 def read_best(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """The best weights of a finished run and the run's config."""
+    """The best weights of a finished run (state dict, tensors on the CPU) and the run's config (config.json)."""
     best = run_dir / BEST
     if not best.exists():
         raise InputError(f"{run_dir} holds no {BEST}; train it first (it is written at the first validation)")
@@ -247,6 +229,8 @@ def read_best(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 @dataclass
 class RunState:
+    """Progress of a run, saved in its checkpoints: steps done, best validation Dice and the curves."""
+
     step: int = 0
     best: float = -1.0
     best_step: int = -1
@@ -263,8 +247,23 @@ def train(
     log: Callable[[str], None] = print,
     stop_after: int | None = None,
 ) -> tuple[RunState, torch.nn.Module]:
-    """Train until config.iterations (or, for time-sliced runs, stop after `stop_after` more steps);
-    checkpoints, best weights and the curve go to run_dir. Returns the state and the network."""
+    """Train until config.iterations (or, for time-sliced runs, stop after `stop_after` more steps).
+
+    Checkpoints, best weights, config.json and the curve go to run_dir.
+
+    Args:
+        run_dir: the run folder.
+        train_cases: cached cases, image (C, *S) and label (*S) each; batches are (B, C (+ 3), *P) crops.
+        val_cases: cached cases scored at every config.val_every steps; none: the last weights are the best.
+        config: the run's config; config.size is filled in when None.
+        num_classes: K, classes including the background.
+        resume: continue from run_dir's checkpoint.
+        log: where progress lines go (rank 0 only).
+        stop_after: steps to run in this call at most.
+
+    Returns:
+        the run state and the trained network (not the EMA copy).
+    """
     config.check()
     run_dir = Path(run_dir)
     ddp = setup_distributed(config.device)
@@ -273,7 +272,7 @@ def train(
     network = build_network(config.network_config(image_channels, num_classes)).to(ddp.device)
     if config.size is None:
         config.size = training_size(train_cases, network.multiple)
-    optimizer = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = config.optimiser(network.parameters())
     ema = AveragedModel(network, multi_avg_fn=get_ema_multi_avg_fn(config.ema)) if config.ema > 0 else None
     state = RunState()
     if resume:
@@ -287,7 +286,7 @@ def train(
             log(f"resumed {run_dir} at step {state.step} of {config.iterations}")
     if ddp.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / CONFIG).write_text(json.dumps(asdict(config), indent=2) + "\n")
+        write_text(run_dir / CONFIG, json.dumps(asdict(config), indent=2) + "\n")
     model = network
     if ddp.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
@@ -319,20 +318,15 @@ def train(
     started = time.monotonic()
     for step, (image, label) in zip(range(state.step, end), loader):
         image, label = image.to(ddp.device, non_blocking=True), label.to(ddp.device, non_blocking=True)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, config)
         generator = step_generator(config.seed, step, ddp.rank, ddp.device)
-        with _autocast(ddp.device, config.amp):
+        with autocast(ddp.device, enabled=config.amp, allow_fp16=False):
             if config.kind == "unet":
                 loss = segmentation_loss(model(image), label)
             else:
                 loss = diffusion_loss(
                     model, image, label, schedule, config.prediction, config.recycling, generator, config.eps_weight
                 )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(network.parameters(), config.clip)
-        optimizer.step()
+        optimiser_step(optimizer, network, loss, step, config)
         if ema is not None:
             ema.update_parameters(network)
         state.step = step + 1

@@ -48,8 +48,10 @@ def augmentation(enabled: bool = True, affine_prob: float = 0.5) -> Compose:
 
 
 def coordinates(shape: tuple[int, ...]) -> torch.Tensor:
-    """Global coordinate channels of a whole volume (bieder2023); imported lazily because
-    preprocess pulls in SimpleITK, which a run from a finished cache does not need."""
+    """Global coordinate channels (3, *shape) in [-1, 1] of a whole volume of size `shape` (bieder2023).
+
+    Imported lazily because preprocess pulls in SimpleITK, which a run from a finished cache does not need.
+    """
     from DiffSegCore.io.preprocess import coordinate_channels
 
     return coordinate_channels(tuple(shape))
@@ -73,7 +75,11 @@ def _plain(value) -> torch.Tensor:
 
 
 class TrainingSamples(Dataset):
-    """Sample k: a case drawn with rng(seed, k), augmented, with coordinates, cut to `size`."""
+    """Sample k: a case drawn with rng(seed, k), augmented, with coordinates, cut to `size`.
+
+    Item k is (image float32 (C (+ 3 coordinates), *size), label uint8 (1, *size)); volumes smaller
+    than `size` are padded (image: edge values, label: background).
+    """
 
     def __init__(
         self,

@@ -1,8 +1,10 @@
 """Bundles: save, load (folder and zip), validate with clear errors, never unpickle."""
 
 import json
+import pickle
 import shutil
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,6 +72,30 @@ def test_pickled_weights_are_refused_with_conversion_advice(tmp_path):
     torch.save(state, path / "model.pt")
     with pytest.raises(ModelError, match=r"pickled weights.*safetensors"):
         validate_bundle(path)
+
+
+def _zipped(folder, archive):
+    with zipfile.ZipFile(archive, "w") as z:
+        for file in sorted(folder.rglob("*")):
+            z.write(file, f"{folder.name}/{file.relative_to(folder).as_posix()}")
+    return archive
+
+
+@pytest.mark.parametrize("as_zip", [False, True], ids=["folder", "zip"])
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("extra/old.pth", b"not even a pickle"),  # refused by name, beside valid safetensors
+        ("notes.dat", pickle.dumps({"w": 1})),  # refused by content, whatever the name
+    ],
+)
+def test_any_pickle_in_a_bundle_is_refused_by_name_or_content(tmp_path, as_zip, name, content):
+    path = make_tiny_bundle(tmp_path / "b")
+    (path / name).parent.mkdir(exist_ok=True)
+    (path / name).write_bytes(content)
+    source = _zipped(path, tmp_path / "b.zip") if as_zip else path
+    with pytest.raises(ModelError, match=rf"^{name} in .* holds pickled weights.*torch.load\('{Path(name).name}'"):
+        load_bundle(source)
 
 
 def test_not_a_bundle(tmp_path):

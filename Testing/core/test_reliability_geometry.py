@@ -12,6 +12,7 @@ from DiffSegCore.io.preprocess import resample_like, resample_to_spacing
 spacings = st.tuples(*[st.floats(0.25, 4.0, allow_nan=False)] * 3)
 sizes = st.tuples(*[st.integers(2, 12)] * 3)
 origins = st.tuples(*[st.floats(-500.0, 500.0, allow_nan=False)] * 3)
+_NEGLIGIBLE_COSINE = float(np.sqrt(np.finfo(np.float64).tiny))
 
 
 @st.composite
@@ -30,8 +31,10 @@ def directions(draw) -> tuple[float, ...]:
     )
     if draw(st.booleans()):
         rotation[:, draw(st.integers(0, 2))] *= -1
-    # ITK's SVD fails on subnormal cosines (e.g. 1e-323), which no image file carries; flush them to 0.
-    rotation[np.abs(rotation) < 1e-300] = 0.0
+    # ITK inverts direction x spacing with an SVD that squares the entries: a cosine below sqrt of the
+    # smallest normal double (about 1.5e-154, e.g. 5e-298) underflows there, the inverse comes out NaN and
+    # every point maps outside the image. No file carries such a cosine (an angle of 1e-154 rad is 0); flush to 0.
+    rotation[np.abs(rotation) < _NEGLIGIBLE_COSINE] = 0.0
     return tuple(rotation.ravel())
 
 

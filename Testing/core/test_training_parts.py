@@ -12,7 +12,8 @@ from DiffSegCore.diffusion.objectives import diffusion_loss
 from DiffSegCore.diffusion.schedules import training_schedule
 from DiffSegCore.networks.unet import build_network
 from DiffSegCore.training.cache import CachedCase
-from DiffSegCore.training.loop import TrainConfig, learning_rate
+from DiffSegCore.training.config import learning_rate
+from DiffSegCore.training.loop import TrainConfig
 from DiffSegCore.training.samples import TrainingSamples, patch_centre
 
 
@@ -90,3 +91,22 @@ def test_learning_rate_warms_up_then_decays_to_zero():
     assert rates[0] == pytest.approx(1e-4) and rates[9] == pytest.approx(1e-3)
     assert all(a >= b for a, b in itertools.pairwise(rates[9:]))
     assert rates[-1] < 1e-6
+
+
+def test_both_run_configs_share_the_optimiser_fields_and_keep_config_json_flat():
+    from dataclasses import asdict, fields
+
+    from DiffSegCore.training.config import OptimiserConfig
+    from DiffSegCore.training.pretraining import PretrainConfig
+
+    shared = {f.name for f in fields(OptimiserConfig)}
+    assert shared == {"batch", "iterations", "lr", "warmup", "weight_decay", "clip"}
+    assert shared <= {f.name for f in fields(TrainConfig)} and shared <= {f.name for f in fields(PretrainConfig)}
+    # A config.json as runs wrote it before the optimiser fields moved (other key order, a key since dropped).
+    saved = {"kind": "unet", "widths": [8, 16], "batch": 3, "iterations": 50, "lr": 5e-4, "warmup": 5, "ema": 0.9}
+    config = TrainConfig.from_json({**saved, "retired_option": 1})
+    assert isinstance(config, TrainConfig)
+    assert (config.kind, config.batch, config.lr, config.ema) == ("unet", 3, 5e-4, 0.9)
+    assert TrainConfig.from_json(asdict(config)) == config
+    assert all(not isinstance(value, dict) for value in asdict(config).values())
+    assert PretrainConfig.from_json(asdict(PretrainConfig(iterations=7))).iterations == 7
