@@ -89,6 +89,14 @@ def test_json_progress_and_folder_input(tmp_path, tiny_bundle, hippocampus_dir):
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
     assert {r["stage"] for r in lines} >= {"load", "preprocess", "preseg", "sample", "write", "done"}
     assert set(lines[-1]["outputs"]) == {"hippocampus_003", "hippocampus_004"}
+    # the final event names each output's path and the settings that ran, with the device actually used
+    done = lines[-1]
+    assert done["outputs"]["hippocampus_003"]["segmentation"] == str(out / "hippocampus_003_seg.nii.gz")
+    ran = done["settings"]["hippocampus_003"]
+    assert (ran["ensemble"], ran["sampler"], ran["preseg"]) == (1, "ddpm", "model")
+    assert ran["device"] in ("cpu", "cuda")  # what ran, not "auto"
+    record = json.loads((out / "hippocampus_003_run.json").read_text())
+    assert record["settings"] == ran
     assert sorted(p.name for p in out.glob("*_seg.nii.gz")) == ["hippocampus_003_seg.nii.gz", "hippocampus_004_seg.nii.gz"]
 
 
@@ -102,3 +110,12 @@ def test_sliding_window_keeps_geometry(tmp_path, tmp_path_factory, hippocampus_c
     record = json.loads((tmp_path / "hippocampus_001_run.json").read_text())
     assert record["settings"]["window"] == "sliding"
     assert_same_geometry(sitk.ReadImage(str(tmp_path / "hippocampus_001_seg.nii.gz")), sitk.ReadImage(str(image_path)))
+
+
+def test_more_steps_than_the_model_has_is_one_clear_error(tmp_path, tiny_bundle, hippocampus_case):
+    image_path, _ = hippocampus_case
+    result = run_cli("segment", image_path, "--model", tiny_bundle, "--output-dir", tmp_path, "--steps", 20,
+                     "--progress", "none", check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --steps 20 is more than model")
+    assert not list(tmp_path.iterdir())
