@@ -150,14 +150,18 @@ class RunSettings:
     @classmethod
     def from_json(cls, data: Mapping) -> RunSettings:
         """Settings read back from a run record or a progress event, each value checked."""
-        unknown = sorted(set(data) - set(BY_NAME))
-        if unknown:
-            raise InputError(f"unknown run settings {', '.join(unknown)}")
+        _check_names(data)
         return cls(**{s.name: s.check(data.get(s.name, s.default)) for s in SETTINGS})
 
     def to_flags(self) -> list[str]:
         """The command-line flags that reproduce these settings exactly."""
         return to_flags(self.to_json())
+
+
+def _check_names(names: Mapping[str, Any]) -> None:
+    unknown = sorted(set(names) - set(BY_NAME))
+    if unknown:
+        raise InputError(f"unknown run settings {', '.join(unknown)}")
 
 
 def schedule_steps(meta: dict) -> int:
@@ -177,9 +181,7 @@ def resolve(meta: dict, chosen: Mapping[str, Any] | None = None) -> RunSettings:
     (a generic default meeting a short schedule) is lowered to what the model can take.
     """
     chosen = {k: v for k, v in (chosen or {}).items() if v is not None}
-    unknown = sorted(set(chosen) - set(BY_NAME))
-    if unknown:
-        raise InputError(f"unknown run settings {', '.join(unknown)}")
+    _check_names(chosen)
     model_defaults = meta.get("defaults") or {}
     values = {}
     for setting in SETTINGS:
@@ -224,11 +226,10 @@ def chosen_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def to_flags(values: Mapping[str, Any]) -> list[str]:
     """Command-line flags for the given settings (None values left out, so the model's default applies)."""
+    _check_names(values)
     flags: list[str] = []
     for name, value in values.items():
-        setting = BY_NAME.get(name)
-        if setting is None:
-            raise InputError(f"unknown run setting {name}")
+        setting = BY_NAME[name]
         value = setting.check(value)
         if value is None or (setting.kind is bool and not value):
             continue

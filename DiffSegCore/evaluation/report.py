@@ -45,9 +45,10 @@ def evaluate(
         raise InputError(f"no label file for {len(missing)} case(s) ({', '.join(missing[:3])}) in {labels_dir}")
     if only is not None and not names:
         raise InputError(f"none of the requested cases is in {images_dir}")
-    rows = []
+    rows, ran = [], settings
     for name in names:
         case = run_case(bundle, cases[name], settings, RunProgress("none"))
+        ran = case.settings  # with the device the members actually ran on
         outputs = on_input_grid(case, OutputOptions())
         truth = np.rint(to_array(read_volume(labels[name]))).astype(np.int64)
         if truth.shape != tuple(reversed(case.reference.GetSize())):
@@ -69,8 +70,8 @@ def evaluate(
         "model": bundle.meta["id"],
         "version": bundle.meta.get("version"),
         "classes": classes,
-        "settings": case.settings.to_json() if rows else settings.to_json(),
-        "device": case.settings.device if rows else settings.device,
+        "settings": ran.to_json(),
+        "device": ran.device,
         "cases": rows,
         "mean": {
             "cases": len(rows),

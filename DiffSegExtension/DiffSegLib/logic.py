@@ -284,10 +284,17 @@ class SegmentationLogic:
         chosen = {name: value for name, value in chosen.items() if value is not None}
         try:
             flags = run_settings.to_flags(chosen)  # each value checked against its setting
-            if Path(model).exists() or _is_local(model):  # and against the model, before anything starts
-                run_settings.resolve(model_meta(model), {**chosen, "preseg": "model"} if from_node else chosen)
         except DiffSegError as exc:
             raise ValueError(str(exc)) from None
+        try:
+            meta = model_meta(model)
+        except DiffSegError:
+            meta = None  # not on this computer yet: the child fetches it and checks the settings then
+        if meta is not None:  # and against the model, before anything starts
+            try:
+                run_settings.resolve(meta, {**chosen, "preseg": "model"} if from_node else chosen)
+            except DiffSegError as exc:
+                raise ValueError(str(exc)) from None
         for extra in inputs[1:]:
             if not bridge.same_geometry(inputs[0], extra):
                 raise ValueError(
@@ -350,14 +357,3 @@ class SegmentationLogic:
         if saveMembers:
             args.append("--save-members")
         return args
-
-
-def _is_local(model: str) -> bool:
-    """True when a registry model is already on this computer (its metadata can be read without a download)."""
-    from DiffSegCore.models.registry import resolve_model
-
-    try:
-        resolve_model(model, download=False)
-    except DiffSegError:
-        return False
-    return True
