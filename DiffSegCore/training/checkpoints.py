@@ -63,8 +63,8 @@ def save_checkpoint(
         ema: the EMA copy's state dict, or None.
     """
     path = Path(path)
-    for stale in stale_temporaries(path):  # one writer per run, so these were left by a killed process
-        stale.unlink(missing_ok=True)
+    for stale in [*stale_temporaries(path), *stale_temporaries(previous_path(path))]:
+        stale.unlink(missing_ok=True)  # one writer per run, so these were left by a killed process
     tensors = {f"model.{k}": v for k, v in model.items()}
     if ema is not None:
         tensors.update({f"ema.{k}": v for k, v in ema.items()})
@@ -75,7 +75,10 @@ def save_checkpoint(
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
         if path.exists():
-            os.replace(path, previous_path(path))
+            # A second name, not a move: a kill before the final rename still leaves `path` whole.
+            with atomic_path(previous_path(path)) as keep:
+                keep.unlink()
+                os.link(path, keep)
 
 
 def _fallback_hint(path: Path, otherwise: str) -> str:
