@@ -7,15 +7,11 @@ line) so the GUI never freezes. See DiffSegLib for the scene bridge, worker and 
 import logging
 import sys
 import time
-from enum import Enum
 from pathlib import Path
-from typing import Annotated
 
 import qt
 import slicer
 import vtk
-from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
-from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -35,15 +31,18 @@ def _addCoreToPath() -> None:
 _addCoreToPath()
 
 from DiffSegLib import dependencies  # noqa: E402
-from DiffSegLib.logic import MODEL_SETTINGS, SegmentationLogic, model_meta, model_settings  # noqa: E402
+from DiffSegLib.logic import MODEL_SETTINGS, SegmentationLogic, model_meta, start_child  # noqa: E402
+from DiffSegLib.parameters import PRESEG_CHOICES, Parameters  # noqa: E402
 from DiffSegLib.scene import find_segmentation_conflict  # noqa: E402
-from DiffSegLib.widgets import WIDGET_CLASSES  # noqa: E402
+from DiffSegLib.widgets import PARAMETER_WIDGETS, WIDGET_CLASSES  # noqa: E402
 
+from DiffSegCore import settings as run_settings  # noqa: E402
 from DiffSegCore.resources import resource_path  # noqa: E402
 from DiffSegCore.settings import BY_NAME, DEVICES, SAMPLERS  # noqa: E402
 
 SAMPLE_CATEGORY = "DiffSeg"
 TIMER_INTERVAL_MS = 100
+PROGRESS_MAXIMUM = 1000  # the progress bar's range while a run goes (0 makes it a busy bar)
 
 #
 # DiffSeg
@@ -101,65 +100,40 @@ def registerSampleData() -> None:
 
 
 #
-# Parameters
-#
-
-
-class PresegSource(Enum):
-    NONE = "none"
-    MODEL = "model"
-    SEGMENTATION = "segmentation"
-
-    def label(self) -> str:
-        return {
-            PresegSource.NONE: "Noise (no pre-segmentation)",
-            PresegSource.MODEL: "The model's pre-segmentation network",
-            PresegSource.SEGMENTATION: "An existing segmentation",
-        }[self]
-
-
-def _range(name: str) -> WithinRange:
-    """The range of a run setting, as settings.py defines it."""
-    return WithinRange(BY_NAME[name].minimum, BY_NAME[name].maximum)
-
-
-@parameterNodeWrapper
-class DiffSegParameterNode:
-    """The panel's settings, saved with the scene; run settings keep settings.py's names, ranges and
-    defaults (a chosen model's own defaults replace steps, ensemble, sampler and preseg_step)."""
-
-    inputVolume: vtkMRMLScalarVolumeNode
-    channel2Volume: vtkMRMLScalarVolumeNode
-    channel3Volume: vtkMRMLScalarVolumeNode
-    model: str = ""
-    steps: Annotated[int, _range("steps")] = BY_NAME["steps"].default
-    ensemble: Annotated[int, _range("ensemble")] = BY_NAME["ensemble"].default
-    sampler: Annotated[str, Choice(list(SAMPLERS))] = BY_NAME["sampler"].default
-    preseg: PresegSource = PresegSource.NONE
-    presegSegmentation: vtkMRMLSegmentationNode
-    preseg_step: Annotated[int, _range("preseg_step")] = 0
-    device: Annotated[str, Choice(list(DEVICES))] = BY_NAME["device"].default
-    seed: Annotated[int, _range("seed")] = BY_NAME["seed"].default
-    outputSegmentation: vtkMRMLSegmentationNode
-    outputUncertainty: vtkMRMLScalarVolumeNode
-    saveMembers: bool = False
-
-
-#
 # DiffSegWidget
 #
 
+# Run settings shown in spin boxes, with the range settings.py gives them.
+SPIN_SETTINGS = {"steps": "stepsSpinBox", "ensemble": "ensembleSpinBox", "preseg_step": "presegStepSpinBox", "seed": "seedSpinBox"}
+# Combo boxes: parameter -> (widget, {value: label}).
+CHOICE_WIDGETS = {
+    "sampler": ("samplerComboBox", {name: name for name in SAMPLERS}),
+    "device": ("deviceComboBox", {name: name for name in DEVICES}),
+    "preseg": ("presegComboBox", PRESEG_CHOICES),
+}
+# The signal each kind of bound widget emits when the user changes it.
+CHANGE_SIGNALS = {
+    "qMRMLNodeComboBox": "currentNodeChanged(vtkMRMLNode*)",
+    "QSpinBox": "valueChanged(int)",
+    "QComboBox": "currentIndexChanged(int)",
+    "QCheckBox": "toggled(bool)",
+}
+CHANNEL_ROWS = (("inputVolumeLabel", "inputVolumeSelector"), ("channel2Label", "channel2Selector"),
+                ("channel3Label", "channel3Selector"))
+
 
 class DiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """The panel: settings bound to the parameter node, Apply/Cancel, progress and status."""
+    """The panel: dependency check, settings bound to the parameter node, Apply/Cancel, progress, status and log."""
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
         self._parameterNode = None
-        self._parameterNodeGuiTag = None
+        self._updatingGUI = False
         self._run = None
+        self._install = None  # the pip Worker while packages are being installed
+        self._problems = []
         self._models = {}
         self._timer = qt.QTimer()
         self._timer.setInterval(TIMER_INTERVAL_MS)
@@ -175,18 +149,33 @@ class DiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             raise RuntimeError(f"DiffSeg.ui lacks widgets {missing}; reinstall the extension")
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = DiffSegLogic()
+        self._setupChoices()
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.installButton.connect("clicked(bool)", self.onInstallButton)
         self.ui.modelSelector.connect("currentIndexChanged(int)", self.onModelChanged)
+        for name in PARAMETER_WIDGETS.values():
+            getattr(self.ui, name).connect(CHANGE_SIGNALS[WIDGET_CLASSES[name]], self.updateParameterNodeFromGUI)
+        self.checkDependencies()
         self.refreshModels()
         self.initializeParameterNode()
 
+    def _setupChoices(self) -> None:
+        """Ranges and choices come from settings.py, not from the .ui."""
+        for name, widgetName in SPIN_SETTINGS.items():
+            spin = getattr(self.ui, widgetName)
+            spin.minimum, spin.maximum = int(BY_NAME[name].minimum), int(BY_NAME[name].maximum)
+        for widgetName, labels in CHOICE_WIDGETS.values():
+            combo = getattr(self.ui, widgetName)
+            combo.clear()
+            for value, label in labels.items():
+                combo.addItem(label, value)
+
     def cleanup(self) -> None:
         """Module reloaded or application closing: stop any run and observers."""
-        if self._run is not None and not self._run.finished:
-            self._run.cancel()
+        self._cancelChildren()
         self._timer.stop()
         self.removeObservers()
 
@@ -194,53 +183,154 @@ class DiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def exit(self) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateState)
+        self.setParameterNode(None)
 
     def onSceneStartClose(self, caller, event) -> None:
-        if self._run is not None and not self._run.finished:
-            self._run.cancel()
+        self._cancelChildren()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
             self.initializeParameterNode()
 
+    def _cancelChildren(self) -> None:
+        if self._running():
+            self._run.cancel()
+        if self._install is not None and self._install.running():
+            self._install.cancel()
+
+    # parameter node <-> GUI
+
     def initializeParameterNode(self) -> None:
-        self.setParameterNode(self.logic.getParameterNode())
-        if not self._parameterNode.inputVolume:
+        self.setParameterNode(Parameters(self.logic.getParameterNode()))
+        p = self._parameterNode
+        if not p.inputVolume:
             first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if first:
-                self._parameterNode.inputVolume = first
-        if not self._parameterNode.model and self._models:
-            self._parameterNode.model = next(iter(self._models))
+                p.inputVolume = first
+        if not p.model and self._models:
+            p.model = next(iter(self._models))
             self._applyModelDefaults()
 
-    def setParameterNode(self, inputParameterNode) -> None:
+    def setParameterNode(self, parameters) -> None:
         if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateState)
-        self._parameterNode = inputParameterNode
+            self.removeObserver(self._parameterNode.node, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+        self._parameterNode = parameters
         if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateState)
-            self._updateState()
+            self.addObserver(self._parameterNode.node, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+            self.updateGUIFromParameterNode()
+
+    def updateGUIFromParameterNode(self, caller=None, event=None) -> None:
+        p = self._parameterNode
+        if p is None or self._updatingGUI:
+            return
+        self._updatingGUI = True
+        try:
+            for field, name in PARAMETER_WIDGETS.items():
+                widget, value = getattr(self.ui, name), getattr(p, field)
+                kind = WIDGET_CLASSES[name]
+                if kind == "qMRMLNodeComboBox":
+                    widget.setCurrentNode(value)
+                elif kind == "QSpinBox":
+                    widget.value = value
+                elif kind == "QComboBox":
+                    widget.currentIndex = widget.findData(value)
+                else:
+                    widget.checked = value
+        finally:
+            self._updatingGUI = False
+        self._updateState()
+
+    def updateParameterNodeFromGUI(self, *args) -> None:
+        p = self._parameterNode
+        if p is None or self._updatingGUI:
+            return
+        wasModifying = p.node.StartModify()
+        try:
+            for field, name in PARAMETER_WIDGETS.items():
+                widget, kind = getattr(self.ui, name), WIDGET_CLASSES[name]
+                if kind == "qMRMLNodeComboBox":
+                    setattr(p, field, widget.currentNode())
+                elif kind == "QSpinBox":
+                    setattr(p, field, widget.value)
+                elif kind == "QComboBox":
+                    if widget.currentIndex >= 0:
+                        setattr(p, field, widget.itemData(widget.currentIndex))
+                else:
+                    setattr(p, field, widget.checked)
+        finally:
+            p.node.EndModify(wasModifying)
+
+    # dependencies
+
+    def checkDependencies(self) -> bool:
+        """Show what is missing (name and minimum version) at the top of the panel; True if nothing is."""
+        self._problems = dependencies.check_all()
+        self.ui.dependencyFrame.visible = bool(self._problems)
+        if self._problems:
+            self.ui.dependencyLabel.text = dependencies.summary(self._problems)
+        return not self._problems
+
+    def onInstallButton(self) -> None:
+        """Ask, then install: PyTorch through the PyTorch extension, the rest with pip in the background."""
+        if self.checkDependencies() or self._install is not None:
+            return
+        names = ", ".join(p.describe() for p in self._problems)
+        if not slicer.util.confirmOkCancelDisplay(
+            f"DiffSeg will download and install these Python packages into Slicer (a few minutes):\n\n{names}",
+            windowTitle="DiffSeg: install Python packages",
+        ):
+            self.ui.statusLabel.text = "Nothing was installed."
+            return
+        if dependencies.check_torch():
+            with slicer.util.tryWithErrorDisplay("PyTorch could not be installed.", waitCursor=True):
+                dependencies.install_torch(ask=False)
+        packages = dependencies.check_packages()
+        if not packages:
+            self._afterInstall(True)
+            return
+        self._appendLog("pip " + " ".join(dependencies.pip_arguments(packages)))
+        self._install = start_child(dependencies.pip_arguments(packages))
+        self.ui.installButton.enabled = False
+        self.ui.progressBar.maximum = 0  # busy: pip does not say how much is left
+        self.ui.statusLabel.text = "Installing Python packages..."
+        self._timer.start()
+
+    def _pumpInstall(self) -> None:
+        for line in self._install.poll_log():
+            self._appendLog(line)
+            self.ui.statusLabel.text = f"Installing: {line}"
+        if self._install.running():
+            return
+        result = self._install.result()
+        self._install = None
+        self._afterInstall(result.ok, result.error)
+
+    def _afterInstall(self, ok: bool, error: str = "") -> None:
+        self._timer.stop()
+        self.ui.installButton.enabled = True
+        self.ui.progressBar.maximum = PROGRESS_MAXIMUM
+        self.ui.progressBar.value = 0
+        if self.checkDependencies():
+            self.ui.statusLabel.text = "DiffSeg's Python packages are installed."
+            self.refreshModels()
+            self.initializeParameterNode()
+        else:
+            message = f"Installing failed ({error or 'see the log below'}). {dependencies.summary(self._problems)}"
+            self.ui.statusLabel.text = message
+            if ok:
+                slicer.util.errorDisplay(message)
+        self._updateState()
 
     # models
 
     def refreshModels(self) -> None:
-        """Fill the model selector from the registry (or say what to install to see it)."""
+        """Fill the model selector from the registry; the listing needs only the standard library."""
         self._models = {}
         try:
             from DiffSegCore.models.registry import list_models
 
             self._models = {info.id: info for info in list_models()}
-        except ImportError:
-            self.ui.modelInfoLabel.text = (
-                "Click Apply once to install DiffSeg's Python packages; the models show up then."
-            )
         except Exception as exc:  # a broken registry must not break the panel
             self.ui.modelInfoLabel.text = f"Could not read the model registry: {exc}"
         wasBlocked = self.ui.modelSelector.blockSignals(True)
@@ -255,14 +345,28 @@ class DiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.model = self.ui.modelSelector.itemData(index)
             self._applyModelDefaults()
 
+    def _modelMeta(self) -> dict | None:
+        """What the panel needs of the chosen model's model.json: from the bundle when it is here, else the registry."""
+        info = self._models.get(self._parameterNode.model) if self._parameterNode else None
+        if info is None:
+            return None
+        if info.current.installed:
+            try:
+                return model_meta(str(info.current.path))
+            except Exception:
+                return None
+        return info.summary_meta()
+
     def _applyModelDefaults(self) -> None:
-        """Show the chosen model's own settings (settings.resolve of its model.json), once it is here."""
-        info = self._models.get(self._parameterNode.model)
-        if info is None or not info.current.installed:
+        """Show the chosen model's own settings (settings.resolve of its model.json, or of its registry entry)."""
+        meta = self._modelMeta()
+        if meta is None:
             return
-        resolved = model_settings(str(info.current.path))
+        resolved = run_settings.resolve(meta)
+        wasModifying = self._parameterNode.node.StartModify()
         for name in MODEL_SETTINGS:
             setattr(self._parameterNode, name, getattr(resolved, name))
+        self._parameterNode.node.EndModify(wasModifying)
 
     def _showModel(self) -> None:
         modelId = self._parameterNode.model if self._parameterNode else ""
@@ -274,62 +378,72 @@ class DiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             wasBlocked = self.ui.modelSelector.blockSignals(True)
             self.ui.modelSelector.currentIndex = index
             self.ui.modelSelector.blockSignals(wasBlocked)
+        meta = self._modelMeta() or {}
+        channels = ", ".join(c["name"] for c in meta.get("channels", [])) or "unknown until downloaded"
         classes = ", ".join(c["name"] for c in info.classes)
         seconds = info.expected_seconds
-        timing = " / ".join(f"{seconds[d]:g} s on {d.upper()}" for d in ("gpu", "cpu") if d in seconds)
+        timing = " / ".join(f"about {seconds[d]:g} s on {d.upper()}" for d in ("gpu", "cpu") if d in seconds)
         where = "on this computer" if info.current.installed else "downloaded on first use"
         self.ui.modelInfoLabel.text = (
-            f"<b>{info.title}</b> ({info.id} {info.current.version}, {where})<br>{info.description}<br>"
-            f"<b>Classes:</b> {classes}<br><b>Expected time:</b> {timing or 'unknown'}"
-            f" per case<br><b>License:</b> {info.license}"
+            f"<b>{info.title}</b> ({info.id} {info.current.version}, {where})<br>"
+            f"<b>Intended use:</b> {info.description}<br><b>Inputs:</b> {info.modality}: {channels}<br>"
+            f"<b>Classes:</b> {classes}<br><b>Expected time, end to end:</b> {timing or 'unknown'} per case"
+            f"<br><b>License:</b> {info.license}"
         )
 
-    def _channelCount(self) -> int:
-        """Input channels the selected model needs (1 until its bundle is on this computer)."""
-        info = self._models.get(self._parameterNode.model) if self._parameterNode else None
-        if info is None or not info.current.installed:
-            return 1
-        try:
-            return len(model_meta(info.current.path)["channels"])
-        except Exception:
-            return 1
+    def _channelNames(self) -> list[str]:
+        """The chosen model's input channel names (one unnamed channel until they are known)."""
+        meta = self._modelMeta()
+        return [c["name"] for c in meta["channels"]] if meta else [""]
 
     # state
 
-    def _updateState(self, caller=None, event=None) -> None:
+    def _updateState(self) -> None:
         p = self._parameterNode
         if p is None:
             return
         self._showModel()
-        channels = self._channelCount()
-        for index, (label, selector) in enumerate(
-            [(self.ui.channel2Label, self.ui.channel2Selector), (self.ui.channel3Label, self.ui.channel3Selector)],
-            start=2,
-        ):
-            label.visible = selector.visible = channels >= index
-        fromSegmentation = p.preseg == PresegSource.SEGMENTATION
+        names = self._channelNames()
+        for index, (labelName, selectorName) in enumerate(CHANNEL_ROWS):
+            label, selector = getattr(self.ui, labelName), getattr(self.ui, selectorName)
+            label.visible = selector.visible = index < len(names)
+            if index < len(names):
+                label.text = f"{names[index]}:" if names[index] else "Input volume:"
+        fromSegmentation = p.preseg == "segmentation"
         self.ui.presegSegmentationLabel.visible = self.ui.presegSegmentationSelector.visible = fromSegmentation
-        self.ui.presegStepLabel.visible = self.ui.presegStepSpinBox.visible = p.preseg != PresegSource.NONE
-        if self._running():
+        self.ui.presegStepLabel.visible = self.ui.presegStepSpinBox.visible = p.preseg != "none"
+        if self._running() or self._install is not None:
+            self.ui.applyButton.enabled = self._running()
             return
-        problem = self._inputProblem(channels)
+        problem = self._inputProblem(len(names))
         self.ui.applyButton.enabled = not problem
         self.ui.applyButton.toolTip = problem or "Run the segmentation; click again to cancel."
 
     def _inputProblem(self, channels: int) -> str:
         p = self._parameterNode
+        if self._problems:
+            return "Install DiffSeg's Python packages first (Install, at the top)."
         if not p.inputVolume:
             return "Select an input volume."
         if not p.model:
             return "Select a model."
         if (channels >= 2 and not p.channel2Volume) or (channels >= 3 and not p.channel3Volume):
             return f"The model needs {channels} input channels."
-        if p.preseg == PresegSource.SEGMENTATION and not p.presegSegmentation:
+        if p.outputUncertainty is not None and p.outputUncertainty in self._inputs(channels):
+            return "The uncertainty volume must not be an input volume; choose another one or create a new one."
+        if p.preseg == "segmentation" and not p.presegSegmentation:
             return "Select the segmentation to start from."
         return ""
 
+    def _inputs(self, channels: int) -> list:
+        p = self._parameterNode
+        return [p.inputVolume, p.channel2Volume, p.channel3Volume][:channels]
+
     def _running(self) -> bool:
         return self._run is not None and not self._run.finished
+
+    def _appendLog(self, line: str) -> None:
+        self.ui.logTextEdit.appendPlainText(line)
 
     # run
 
@@ -338,34 +452,25 @@ class DiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = "Cancelling..."
             self._run.cancel()
             return
-        try:
-            dependencies.ensure_dependencies()
-        except dependencies.DependencyError as exc:
-            self.ui.statusLabel.text = str(exc)
-            slicer.util.errorDisplay(str(exc))
+        if not self.checkDependencies():
+            self._updateState()
             return
-        if not self._models:
-            self.refreshModels()
-            self.initializeParameterNode()
         p = self._parameterNode
         overwrite = False
-        conflict = find_segmentation_conflict(p.outputSegmentation)
-        if conflict:
+        if find_segmentation_conflict(p.outputSegmentation):
             if not slicer.util.confirmOkCancelDisplay(
-                f"Segmentation '{p.outputSegmentation.GetName()}' already has segments. Replace them with the result?"
+                f"Segmentation '{p.outputSegmentation.GetName()}' already has segments"
+                + (f" and '{p.outputUncertainty.GetName()}' holds an uncertainty map" if p.outputUncertainty else "")
+                + ". Replace them with the new result?",
+                windowTitle="DiffSeg: replace the result?",
             ):
                 return
             overwrite = True
-        channels = self._channelCount()
-        inputs = [p.inputVolume, p.channel2Volume, p.channel3Volume][:channels]
-        preseg = {
-            PresegSource.NONE: None,
-            PresegSource.MODEL: "model",
-            PresegSource.SEGMENTATION: p.presegSegmentation,
-        }[p.preseg]
+        preseg = {"none": None, "model": "model", "segmentation": p.presegSegmentation}[p.preseg]
+        self.ui.logTextEdit.clear()
         with slicer.util.tryWithErrorDisplay("DiffSeg could not start.", waitCursor=True):
             self._run = self.logic.process(
-                inputs,
+                self._inputs(len(self._channelNames())),
                 p.model,
                 steps=p.steps,
                 ensemble=p.ensemble,
@@ -381,6 +486,7 @@ class DiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 overwrite=overwrite,
                 onProgress=self._onProgress,
                 onFinished=self._onFinished,
+                onLog=self._appendLog,
             )
             self.ui.applyButton.text = "Cancel"
             self.ui.applyButton.toolTip = "Stop the run; the scene stays as it was."
@@ -389,7 +495,9 @@ class DiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._timer.start()
 
     def _onTimer(self) -> None:
-        if self._run is not None:
+        if self._install is not None:
+            self._pumpInstall()
+        elif self._run is not None:
             self._run.pump()
             if self._running():
                 self.ui.statusLabel.text = f"{self._run.message} ({self._run.elapsed:.0f} s)"
@@ -402,6 +510,10 @@ class DiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.text = "Apply"
         self.ui.progressBar.value = self.ui.progressBar.maximum if run.state == "done" else 0
         self.ui.statusLabel.text = f"{run.message} ({run.elapsed:.1f} s)" if run.state != "done" else run.message
+        if run.state == "done" and self._parameterNode:
+            # The next Apply reuses these nodes (after asking) instead of adding another "... DiffSeg_1".
+            self._parameterNode.outputSegmentation = run.segmentationNode
+            self._parameterNode.outputUncertainty = run.uncertaintyNode
         if run.state == "failed":
             slicer.util.errorDisplay(f"DiffSeg failed: {run.error}")
         self._updateState()
@@ -419,8 +531,6 @@ class DiffSegLogic(ScriptedLoadableModuleLogic, SegmentationLogic):
         ScriptedLoadableModuleLogic.__init__(self)
         SegmentationLogic.__init__(self)
 
-    def getParameterNode(self):
-        return DiffSegParameterNode(super().getParameterNode())
 
 
 #
@@ -455,7 +565,7 @@ class DiffSegTest(ScriptedLoadableModuleTest):
 
     def test_sample_case(self) -> None:
         self.delayDisplay("Segmenting the sample case with the bundled model")
-        dependencies.ensure_dependencies(ask=False)
+        dependencies.ensure_dependencies()
         volume = self._sampleVolume()
         model = self._defaultModel()
         started = time.monotonic()
@@ -466,6 +576,9 @@ class DiffSegTest(ScriptedLoadableModuleTest):
         self.assertEqual(names, [c["name"] for c in classes])
         self.assertEqual(uncertainty.GetImageData().GetDimensions(), volume.GetImageData().GetDimensions())
         self.assertEqual(segmentation.GetAttribute("DiffSeg.steps"), "2")
+        self.assertIn(segmentation.GetAttribute("DiffSeg.device"), ("cpu", "cuda"))  # the device used, not "auto"
+        terminologies = [segmentation.GetSegmentation().GetNthSegment(i).GetTerminology() for i in range(len(classes))]
+        self.assertEqual(len(set(terminologies)), len(classes))  # anterior and posterior differ by their modifier
         self.delayDisplay("Test passed")
 
     def test_cancel_leaves_scene_unchanged(self) -> None:

@@ -9,12 +9,15 @@ a sha256. Downloaded and imported bundles live in the cache under models_home():
     <home>/locks/                   one lock per id@version, so one process installs it
     <home>/registry/                last copy of each URL registry, used when offline
 
-torch is imported only when a bundle is validated, so listing models stays fast.
+torch is imported only when a bundle is validated, so listing models stays fast. Listing needs
+only the standard library (the Slicer panel lists the bundled models before DiffSeg's packages are
+installed): jsonschema, platformdirs, filelock and the download stack are imported where used.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -25,18 +28,19 @@ import zipfile
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
-
-import jsonschema
-import platformdirs
-from filelock import FileLock
 
 from DiffSegCore.errors import ModelError
 from DiffSegCore.io.atomic import write_text
-from DiffSegCore.models.downloads import ByteProgress, download_file, fetch_bytes
 from DiffSegCore.models.metadata import MODEL_FILE
 from DiffSegCore.models.safety import folder_members, refuse_pickles
 from DiffSegCore.resources import resource_path
+
+if TYPE_CHECKING:
+    import jsonschema
+
+    from DiffSegCore.models.downloads import ByteProgress
 
 HOME_ENV = "DIFFSEG_HOME"
 REGISTRY_ENV = "DIFFSEG_REGISTRY"
@@ -72,10 +76,26 @@ class ModelInfo:
     expected_seconds: dict
     origin: str  # "registry" or "imported" (only in the local cache)
     versions: list[ModelVersion] = field(default_factory=list)
+    channels: list[str] = field(default_factory=list)  # input channel names; empty when the registry omits them
+    defaults: dict = field(default_factory=dict)  # the model's run-setting defaults (model.json `defaults`)
+    train_steps: int | None = None  # the model's trained diffusion steps (bounds steps and T')
 
     @property
     def current(self) -> ModelVersion:
         return self.versions[0]
+
+    def summary_meta(self) -> dict | None:
+        """What settings.resolve and the panel need of model.json, known before the bundle is downloaded
+        (None when the registry entry does not carry it)."""
+        if not self.channels or self.train_steps is None:
+            return None
+        return {
+            "id": self.id,
+            "channels": [{"name": name} for name in self.channels],
+            "classes": self.classes,
+            "defaults": self.defaults,
+            "diffusion": {"train_steps": self.train_steps},
+        }
 
     def to_json(self) -> dict:
         return {**asdict(self), "current": self.current.version}
@@ -90,7 +110,14 @@ def models_home() -> Path:
     override = os.environ.get(HOME_ENV)
     if override:
         return Path(override).expanduser()
+    import platformdirs
+
     return Path(platformdirs.user_data_dir("DiffSeg", appauthor=False))
+
+
+def _cache_known() -> bool:
+    """False only where platformdirs is missing and DIFFSEG_HOME unset: nothing was cached by this Python then."""
+    return bool(os.environ.get(HOME_ENV)) or importlib.util.find_spec("platformdirs") is not None
 
 
 def cache_dir() -> Path:
@@ -141,11 +168,17 @@ def _load_registry() -> _Registry:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ModelError(f"the model registry {location} is not valid JSON ({exc})") from None
-    error = jsonschema.exceptions.best_match(
-        jsonschema.Draft202012Validator(_load_schema("models.schema.json")).iter_errors(data)
-    )
-    if error is not None:
-        raise ModelError(f"the model registry {location} is invalid: {_schema_error(error)}")
+    if importlib.util.find_spec("jsonschema") is not None:
+        import jsonschema
+
+        error = jsonschema.exceptions.best_match(
+            jsonschema.Draft202012Validator(_load_schema("models.schema.json")).iter_errors(data)
+        )
+        if error is not None:
+            raise ModelError(f"the model registry {location} is invalid: {_schema_error(error)}")
+    elif location != str(resource_path("models.json")):
+        # The shipped registry is checked against its schema by the tests; another one must be checked here.
+        raise ModelError(f"checking the model registry {location} needs the jsonschema package; install it first")
     models: dict[str, dict] = {}
     for entry in data["models"]:
         versions = [v["version"] for v in entry["versions"]]
@@ -157,6 +190,8 @@ def _load_registry() -> _Registry:
 
 def _fetch_registry(url: str) -> str:
     """The registry at `url`; its last good copy when the network fails, so cached models still resolve."""
+    from DiffSegCore.models.downloads import fetch_bytes
+
     copy = models_home() / "registry" / (hashlib.sha256(url.encode()).hexdigest()[:16] + ".json")
     try:
         text = fetch_bytes(url).decode("utf-8")
@@ -185,6 +220,8 @@ def _semver_key(version: str) -> tuple:
 
 def _installed_versions(model_id: str) -> list[str]:
     """Cached versions of a model, newest first (staging folders start with a dot)."""
+    if not _cache_known():
+        return []
     folder = cache_dir() / model_id
     if not folder.is_dir():
         return []
@@ -218,8 +255,8 @@ def _registry_version(registry: _Registry, model_id: str, spec: dict) -> ModelVe
         path = _bundled_path(registry, spec)
         installed = path is not None and (path / MODEL_FILE).is_file()
         return ModelVersion(version, "bundled", installed, str(path) if installed else None)
-    folder = _version_dir(model_id, version)
-    installed = (folder / MODEL_FILE).is_file()
+    folder = _version_dir(model_id, version) if _cache_known() else None
+    installed = folder is not None and (folder / MODEL_FILE).is_file()
     return ModelVersion(
         version,
         "download",
@@ -242,7 +279,15 @@ def _registry_info(registry: _Registry, entry: dict) -> ModelInfo:
     known = {v.version for v in listed}
     extra = [_cached_version(entry["id"], v) for v in _installed_versions(entry["id"]) if v not in known]
     fields = {k: entry[k] for k in ("id", "title", "description", "modality", "classes", "license", "citation")}
-    return ModelInfo(**fields, expected_seconds=entry["expected_seconds"], origin="registry", versions=listed + extra)
+    return ModelInfo(
+        **fields,
+        expected_seconds=entry["expected_seconds"],
+        origin="registry",
+        versions=listed + extra,
+        channels=[channel["name"] for channel in entry.get("channels", [])],
+        defaults=dict(entry.get("defaults") or {}),
+        train_steps=entry.get("train_steps"),
+    )
 
 
 def _imported_info(model_id: str) -> ModelInfo | None:
@@ -264,6 +309,9 @@ def _imported_info(model_id: str) -> ModelInfo | None:
         expected_seconds=meta.get("expected_seconds", {}),
         origin="imported",
         versions=versions,
+        channels=[c.get("name", "") for c in meta.get("channels", [])],
+        defaults=dict(meta.get("defaults") or {}),
+        train_steps=(meta.get("diffusion") or {}).get("train_steps"),
     )
 
 
@@ -271,7 +319,7 @@ def list_models() -> list[ModelInfo]:
     """Registry models (downloaded or not) in registry order, then models only in the local cache."""
     registry = _load_registry()
     infos = [_registry_info(registry, entry) for entry in registry.models.values()]
-    folders = cache_dir().iterdir() if cache_dir().is_dir() else []
+    folders = cache_dir().iterdir() if _cache_known() and cache_dir().is_dir() else []
     # Dot-folders are imports and removals in progress.
     cached = sorted(p.name for p in folders if p.is_dir() and not p.name.startswith("."))
     for model_id in cached:
@@ -347,6 +395,10 @@ def resolve_model(ref: str, download: bool = True, progress: ByteProgress | None
 
 
 def _download(model_id: str, spec: dict, progress: ByteProgress | None) -> Path:
+    from filelock import FileLock
+
+    from DiffSegCore.models.downloads import download_file
+
     version = spec["version"]
     home = models_home()
     target = _version_dir(model_id, version)
@@ -393,6 +445,8 @@ def _unpack(source: Path, staging: Path) -> Path:
 
 
 def _check_meta(meta: dict, shown_as: str) -> None:
+    import jsonschema
+
     error = jsonschema.exceptions.best_match(
         jsonschema.Draft202012Validator(_load_schema("model.schema.json")).iter_errors(meta)
     )

@@ -6,6 +6,7 @@ child process does all the heavy work; this module only moves data and reports p
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import shutil
@@ -25,6 +26,7 @@ from . import scene as bridge
 from .worker import Worker, WorkerResult
 
 CASE = "input"  # case name of the files handed to the core
+LOG = logging.getLogger("DiffSeg")  # in Slicer, Python logging lands in Slicer's application log
 ATTRIBUTE_PREFIX = "DiffSeg."
 # The run settings a model's model.json may choose and the panel shows once that model is chosen.
 MODEL_SETTINGS = ("steps", "ensemble", "sampler", "preseg_step")
@@ -46,6 +48,25 @@ def python_executable() -> str:
         home = Path(slicer.app.slicerHome) / "bin"
         return str(home / ("PythonSlicer.exe" if sys.platform == "win32" else "PythonSlicer"))
     return sys.executable
+
+
+def launch_environment() -> dict[str, str]:
+    """The child's environment: Slicer's startup environment where there is one (what Slicer's own
+    launchConsoleProcess uses; PythonSlicer's launcher adds Slicer's paths back), else this process's;
+    with the DiffSegCore package on PYTHONPATH."""
+    env = None
+    if hasattr(slicer, "app") and hasattr(slicer.util, "startupEnvironment"):
+        env = slicer.util.startupEnvironment()
+    env = dict(env or os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(core_parent()), env.get("PYTHONPATH")]))
+    return env
+
+
+def start_child(module_args: list[str]) -> Worker:
+    """Start `python -m <module_args>` in Slicer's Python (PythonSlicer) as a background Worker."""
+    worker = Worker([python_executable(), "-m", *module_args], env=launch_environment())
+    worker.start()
+    return worker
 
 
 def model_meta(model: str) -> dict:
@@ -92,6 +113,7 @@ class SegmentationRun:
         saveMembers: bool,
         onProgress: Callable[[float, str], None] | None,
         onFinished: Callable[[SegmentationRun], None] | None,
+        onLog: Callable[[str], None] | None = None,
     ):
         self.worker = worker
         self.workdir = workdir
@@ -102,6 +124,7 @@ class SegmentationRun:
         self.saveMembers = saveMembers
         self.onProgress = onProgress
         self.onFinished = onFinished
+        self.onLog = onLog
         self.state = "running"
         self.error = ""
         self.fraction = 0.0
@@ -119,10 +142,15 @@ class SegmentationRun:
         """Deliver pending progress; on completion import the results. True while still running."""
         if self.finished:
             return False
+        for line in self.worker.poll_log():
+            self._log(line)
         for event in self.worker.poll():
             if event.get("fraction") is not None:
                 self.fraction = float(event["fraction"])
-            self.message = describe_event(event)
+            message = describe_event(event)
+            if message != self.message:
+                self._log(message)
+            self.message = message
             if self.onProgress:
                 self.onProgress(self.fraction, self.message)
         self.elapsed = self.worker.elapsed
@@ -130,6 +158,11 @@ class SegmentationRun:
             return True
         self._finish(self.worker.result())
         return False
+
+    def _log(self, line: str) -> None:
+        LOG.info("DiffSeg: %s", line)
+        if self.onLog:
+            self.onLog(line)
 
     def wait(self, timeout: float | None = None, interval: float = 0.1) -> bool:
         """Pump until the run ends (True) or `timeout` seconds pass (False)."""
@@ -164,6 +197,9 @@ class SegmentationRun:
             self.message = f"Failed: {self.error}"
         finally:
             shutil.rmtree(self.workdir, ignore_errors=True)
+        for line in self.worker.poll_log():
+            self._log(line)
+        self._log(self.message)
         if self.onFinished:
             self.onFinished(self)
 
@@ -213,6 +249,7 @@ class SegmentationRun:
         for node in [segmentation, uncertainty, *members]:
             for key, value in self.settings.items():
                 node.SetAttribute(ATTRIBUTE_PREFIX + key, str(value))
+            bridge.place_like(node, reference)
         if segmentation.GetDisplayNode() is None:
             segmentation.CreateDefaultDisplayNodes()
         bridge.show_uncertainty(uncertainty, reference)
@@ -263,6 +300,7 @@ class SegmentationLogic:
         overwrite: bool = False,
         onProgress: Callable[[float, str], None] | None = None,
         onFinished: Callable[[SegmentationRun], None] | None = None,
+        onLog: Callable[[str], None] | None = None,
     ):
         """Segment `inputVolumeNodes` (one node or a list of channels) with `model` (bundle path or id).
 
@@ -300,6 +338,10 @@ class SegmentationLogic:
                 raise ValueError(
                     f"channel {extra.GetName()} is not on the grid of {inputs[0].GetName()}; resample it first"
                 )
+        if outputUncertaintyNode is not None and any(outputUncertaintyNode is node for node in inputs):
+            raise ValueError(
+                f"the uncertainty output '{outputUncertaintyNode.GetName()}' is an input volume; choose another volume"
+            )
         conflict = "" if overwrite else bridge.find_segmentation_conflict(outputSegmentationNode)
         if conflict:
             raise ValueError(conflict)
@@ -309,11 +351,7 @@ class SegmentationLogic:
         settings = {"model": str(model), **chosen, "inputs": ",".join(node.GetName() for node in inputs)}
         workdir = Path(tempfile.mkdtemp(prefix="DiffSeg-"))
         try:
-            args = self._command(inputs, workdir, settings, flags, preseg, saveMembers)
-            env = dict(os.environ)
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(core_parent()), env.get("PYTHONPATH")]))
-            worker = Worker(args, env=env)
-            worker.start()
+            worker = start_child(self._command(inputs, workdir, settings, flags, preseg, saveMembers))
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
             raise
@@ -327,6 +365,7 @@ class SegmentationLogic:
             saveMembers,
             onProgress,
             onFinished,
+            onLog,
         )
         self.activeRun = run
         if not waitForCompletion:
@@ -344,7 +383,7 @@ class SegmentationLogic:
     def _command(self, inputs, workdir: Path, settings: dict, flags: list[str], preseg, saveMembers: bool) -> list[str]:
         """Write the inputs (and a pre-segmentation) to `workdir` and build the CLI command."""
         paths = [bridge.write_volume(node, workdir / f"{CASE}_{index:04d}.nrrd") for index, node in enumerate(inputs)]
-        args = [python_executable(), "-m", "DiffSegCore", "segment", *map(str, paths), "--model", settings["model"]]
+        args = ["DiffSegCore", "segment", *map(str, paths), "--model", settings["model"]]
         args += [*flags, "--output-dir", str(workdir / "output"), "--progress", "json"]
         if preseg not in (None, *run_settings.PRESEG_SOURCES):
             settings["preseg"] = preseg.GetName()

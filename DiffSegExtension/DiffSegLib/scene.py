@@ -133,8 +133,8 @@ def find_segmentation_conflict(node: slicer.vtkMRMLSegmentationNode | None) -> s
 def terminology_string(terminology: dict | None) -> str:
     """Slicer's serialised terminology entry from a model class's terminology block ('' if absent).
 
-    The block holds "category" and "type" (and optionally "region") codes as
-    {"scheme": ..., "code": ..., "meaning": ...}.
+    The block holds "category" and "type" codes, optionally "type_modifier" (e.g. Anterior),
+    "region" and "region_modifier", each as {"scheme": ..., "code": ..., "meaning": ...}.
     """
     if not terminology or "category" not in terminology or "type" not in terminology:
         return ""
@@ -143,16 +143,32 @@ def terminology_string(terminology: dict | None) -> str:
         entry = terminology.get(key) or {}
         return str(entry.get("code", "")), str(entry.get("scheme", "")), str(entry.get("meaning", ""))
 
-    empty = ("", "", "")
     return slicer.vtkSlicerTerminologiesModuleLogic.SerializeTerminologyEntry(
         terminology.get("context", "Segmentation category and type - DICOM master list"),
         *code("category"),
         *code("type"),
-        *empty,
+        *code("type_modifier"),
         terminology.get("anatomic_context", "Anatomic codes - DICOM master list"),
         *code("region"),
-        *empty,
+        *code("region_modifier"),
     )
+
+
+def place_like(node: slicer.vtkMRMLNode, reference: slicer.vtkMRMLNode) -> None:
+    """Put an output where its input is: under the input's parent transform (a registered input keeps
+    its result in place) and beside it in the subject hierarchy (same study or folder)."""
+    node.SetAndObserveTransformNodeID(reference.GetTransformNodeID())
+    scene = reference.GetScene()
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    if hierarchy is None:
+        return
+    reference_item = hierarchy.GetItemByDataNode(reference)
+    parent = hierarchy.GetItemParent(reference_item) if reference_item else hierarchy.GetSceneItemID()
+    item = hierarchy.GetItemByDataNode(node)
+    if item:
+        hierarchy.SetItemParent(item, parent)
+    else:  # the slicer-core wheel has no plugin that adds items for new nodes; Slicer has
+        hierarchy.CreateItem(parent, node)
 
 
 def fill_segmentation(

@@ -4,14 +4,20 @@ The module checks this list when it loads the .ui, and Testing/ui checks the .ui
 """
 
 WIDGET_CLASSES = {
+    "dependencyFrame": "QFrame",
+    "dependencyLabel": "QLabel",
+    "installButton": "QPushButton",
     "inputsCollapsibleButton": "ctkCollapsibleButton",
+    "inputVolumeLabel": "QLabel",
     "inputVolumeSelector": "qMRMLNodeComboBox",
     "channel2Label": "QLabel",
     "channel2Selector": "qMRMLNodeComboBox",
     "channel3Label": "QLabel",
     "channel3Selector": "qMRMLNodeComboBox",
+    "modelCollapsibleButton": "ctkCollapsibleButton",
     "modelSelector": "QComboBox",
     "modelInfoLabel": "QLabel",
+    "advancedCollapsibleButton": "ctkCollapsibleButton",
     "stepsSpinBox": "QSpinBox",
     "ensembleSpinBox": "QSpinBox",
     "samplerComboBox": "QComboBox",
@@ -28,9 +34,12 @@ WIDGET_CLASSES = {
     "applyButton": "QPushButton",
     "progressBar": "QProgressBar",
     "statusLabel": "QLabel",
+    "logCollapsibleButton": "ctkCollapsibleButton",
+    "logTextEdit": "QPlainTextEdit",
 }
 
-# Widgets bound to parameter-node fields through connectGui (dynamic property SlicerParameterName).
+# Widgets bound to the parameter node's fields (DiffSegLib.parameters); each carries its field's name in
+# the dynamic property SlicerParameterName too, as Slicer's own modules do.
 PARAMETER_WIDGETS = {
     "inputVolume": "inputVolumeSelector",
     "channel2Volume": "channel2Selector",

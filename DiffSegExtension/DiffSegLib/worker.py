@@ -2,7 +2,8 @@
 
 Pure Python (no Qt, no VTK): a reader thread turns stdout lines into events on a queue, and
 whoever owns the scene drains the queue on its own thread (a QTimer in Slicer, a wait loop in
-batch scripts and tests), so callbacks never touch MRML from a background thread.
+batch scripts and tests), so callbacks never touch MRML from a background thread. Lines that are
+not progress events (warnings, pip's output, tracebacks) are kept as the run's log.
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from DiffSegCore.events import DONE, ERROR, decode
+
+# Cancel: how long the child gets to stop after the polite signal, and how long the reader thread
+# gets to drain the pipe afterwards; together well under the one second the panel promises.
+CANCEL_GRACE_S = 0.5
+READER_JOIN_S = 0.2
 
 
 @dataclass
@@ -51,13 +57,15 @@ class Worker:
         self._settings: dict[str, dict] = {}
         self._error = ""
         self._log: list[str] = []
+        self._new_lines: queue.Queue[str] = queue.Queue()
         self.started_at = 0.0
 
     def start(self) -> None:
         """Start the process in its own process group so that cancel reaches its children too."""
         kwargs: dict = {}
         if sys.platform == "win32":
-            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
+            # No console window per run (as slicer.util.launchConsoleProcess hides it), own group for cancel.
+            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW
         else:
             kwargs["start_new_session"] = True
         self.started_at = time.monotonic()
@@ -85,8 +93,9 @@ class Worker:
                 continue
             event = decode(line)
             if event is None:
-                # Warnings, library messages and tracebacks (with --debug) are kept for the error report.
+                # Warnings, library messages and tracebacks (with --debug) are the run's log.
                 self._log.append(line)
+                self._new_lines.put(line)
                 continue
             if event["stage"] == DONE:
                 self._outputs = dict(event.get("outputs") or {})
@@ -108,6 +117,15 @@ class Worker:
             except queue.Empty:
                 return events
 
+    def poll_log(self) -> list[str]:
+        """Log lines (everything that is not a progress event) received since the last call (never blocks)."""
+        lines = []
+        while True:
+            try:
+                lines.append(self._new_lines.get_nowait())
+            except queue.Empty:
+                return lines
+
     def running(self) -> bool:
         """True while the process runs or its output is still being read."""
         if self._process is None:
@@ -127,8 +145,10 @@ class Worker:
             return not self._reader.is_alive()
         return True
 
-    def cancel(self, grace: float = 3.0) -> None:
-        """Stop the whole process tree: a polite signal first, then a kill after `grace` seconds."""
+    def cancel(self, grace: float = CANCEL_GRACE_S) -> None:
+        """Stop the whole process tree: a polite signal first, then a kill after `grace` seconds.
+
+        Returns within about grace + READER_JOIN_S seconds, so the GUI never waits long."""
         self._cancelled = True
         process = self._process
         if process is None or process.poll() is not None:
@@ -144,7 +164,7 @@ class Worker:
                 _signal_group(process.pid, signal.SIGKILL)
         process.wait()
         if self._reader is not None:
-            self._reader.join(grace)
+            self._reader.join(READER_JOIN_S)
 
     def result(self) -> WorkerResult:
         """The outcome; call after `wait()` or once `running()` is False."""
