@@ -236,15 +236,15 @@ class SegmentationRun:
             bridge.read_volume_into(uncertainty, Path(outputs["uncertainty"]), reference)
         except Exception:
             for node in created:
-                scene.RemoveNode(node)
+                _remove(node)
             raise
         for node in [labels for labels in created if labels.IsA("vtkMRMLLabelMapVolumeNode")]:
-            scene.RemoveNode(node)
+            _remove(node)
         if self.targetSegmentationNode is not None:
             # Built aside and copied in only now, so a failure never leaves a half-replaced node.
             self.targetSegmentationNode.GetSegmentation().DeepCopy(segmentation.GetSegmentation())
             self.targetSegmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(reference)
-            scene.RemoveNode(segmentation)
+            _remove(segmentation)
             segmentation = self.targetSegmentationNode
         for node in [segmentation, uncertainty, *members]:
             for key, value in self.settings.items():
@@ -262,6 +262,20 @@ class SegmentationRun:
         node.SetReferenceImageGeometryParameterFromVolumeNode(reference)
         bridge.fill_segmentation(node, labels, meta["classes"])
         return node
+
+
+def _remove(node) -> None:
+    """Remove a node we made, with its display and storage nodes (the scene keeps them otherwise)."""
+    scene = node.GetScene()
+    helpers = [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())] if node.IsA(
+        "vtkMRMLDisplayableNode"
+    ) else []
+    if node.IsA("vtkMRMLStorableNode") and node.GetStorageNode() is not None:
+        helpers.append(node.GetStorageNode())
+    scene.RemoveNode(node)
+    for helper in helpers:
+        if helper is not None and helper.GetScene() is scene:
+            scene.RemoveNode(helper)
 
 
 def _load_labelmap(scene, path: Path, reference, created: list):
