@@ -564,20 +564,31 @@ class DiffSegTest(ScriptedLoadableModuleTest):
         return list_models()[0].id
 
     def test_sample_case(self) -> None:
-        self.delayDisplay("Segmenting the sample case with the bundled model")
+        """As a user does it: open the module, pick the sample volume, Apply, wait for the result."""
+        self.delayDisplay("Segmenting the sample case with the bundled model from the panel")
         dependencies.ensure_dependencies()
         volume = self._sampleVolume()
-        model = self._defaultModel()
+        slicer.util.selectModule("DiffSeg")
+        panel = slicer.util.getModuleWidget("DiffSeg")
+        panel.checkDependencies()
+        panel.ui.inputVolumeSelector.setCurrentNode(volume)
+        p = panel._parameterNode
+        self.assertEqual(p.model, self._defaultModel())
+        self.assertTrue(panel.ui.applyButton.enabled, panel.ui.applyButton.toolTip)
         started = time.monotonic()
-        segmentation, uncertainty = DiffSegLogic().process(volume, model, steps=2, ensemble=2, device="auto", seed=0)
-        logging.info(f"DiffSeg sample case: {time.monotonic() - started:.1f} s")
-        classes = model_meta(model)["classes"]
-        names = [segmentation.GetSegmentation().GetNthSegment(i).GetName() for i in range(len(classes))]
-        self.assertEqual(names, [c["name"] for c in classes])
+        panel.ui.applyButton.click()
+        while panel._running():
+            slicer.app.processEvents()
+            time.sleep(0.05)
+        logging.info(f"DiffSeg sample case from Apply to result: {time.monotonic() - started:.1f} s")
+        self.assertEqual(panel._run.state, "done", panel._run.error)
+        segmentation, uncertainty = p.outputSegmentation, p.outputUncertainty
+        classes = model_meta(p.model)["classes"]
+        segments = segmentation.GetSegmentation()
+        self.assertEqual([segments.GetNthSegment(i).GetName() for i in range(len(classes))], [c["name"] for c in classes])
         self.assertEqual(uncertainty.GetImageData().GetDimensions(), volume.GetImageData().GetDimensions())
-        self.assertEqual(segmentation.GetAttribute("DiffSeg.steps"), "2")
         self.assertIn(segmentation.GetAttribute("DiffSeg.device"), ("cpu", "cuda"))  # the device used, not "auto"
-        terminologies = [segmentation.GetSegmentation().GetNthSegment(i).GetTerminology() for i in range(len(classes))]
+        terminologies = [segments.GetNthSegment(i).GetTerminology() for i in range(len(classes))]
         self.assertEqual(len(set(terminologies)), len(classes))  # anterior and posterior differ by their modifier
         self.delayDisplay("Test passed")
 

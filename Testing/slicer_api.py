@@ -78,7 +78,7 @@ def _name_of(chain: list[str], is_call: bool, modules: set[str], in_widget: bool
         return ".".join(chain[:2]) if len(chain) == 2 else chain[2]
     if head in ("qt", "ctk", "vtk") and len(chain) >= 2:
         return f"{head}.{chain[1]}" if len(chain) == 2 else chain[-1]
-    if len(chain) >= 4 and chain[:2] == ["self", "ui"] and chain[2] in WIDGET_CLASSES:
+    if len(chain) >= 4 and chain[1] == "ui" and chain[2] in WIDGET_CLASSES:  # self.ui.x, or a module widget's
         return f"{WIDGET_CLASSES[chain[2]]}.{chain[3]}"
     if chain[:2] == ["self", "parent"] and len(chain) >= 3:
         return f"{WIDGET_PARENT if in_widget else MODULE_PARENT}.{chain[2]}"

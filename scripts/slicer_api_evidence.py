@@ -121,6 +121,8 @@ def find(name: str, slicer: Repo, ctk: Repo, vtk: Repo, pytorch: Repo, qt_versio
         return slicer.grep(rf"^class {name.split('.')[2]}\b", ["Base/Python/slicer/ScriptedLoadableModule.py"])
     if name == "slicer.app.connect":
         return slicer.grep(r"void startupCompleted\(\)", ["Base/QTGUI/qSlicerApplication.h", "Base/QTCore/*.h"])
+    if name == "slicer.app.processEvents":
+        return f"QCoreApplication::processEvents; {qt}"
     if name == "slicer.app.slicerHome":
         return slicer.grep(r"Q_PROPERTY\(QString slicerHome\b", ["Base/QTCore/qSlicerCoreApplication.h"])
     if name.startswith("slicer.modules."):

@@ -44,3 +44,16 @@ def test_the_list_catches_a_call_outside_it(tmp_path):
         api.ROOT = original
     assert "SetNoSuchThing" in found and "SetNoSuchThing" not in CHECKED
     assert "GetFirstNodeByClass" in found and "GetFirstNodeByClass" in CHECKED
+
+
+def test_cmake_ships_every_module_file_and_registers_the_self_test():
+    """A Slicer build installs only the scripts CMake lists, and runs DiffSegTest through CTest."""
+    cmake = (ROOT / "DiffSegExtension" / "CMakeLists.txt").read_text()
+    listed = set(cmake.split("set(MODULE_PYTHON_SCRIPTS", 1)[1].split(")", 1)[0].split())
+    shipped = {"${MODULE_NAME}.py"} | {
+        str(path.relative_to(ROOT / "DiffSegExtension"))
+        for path in (ROOT / "DiffSegExtension").rglob("*.py")
+        if path.name != "DiffSeg.py"
+    }
+    assert listed == shipped
+    assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in cmake
