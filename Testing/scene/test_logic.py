@@ -152,3 +152,10 @@ def test_presegmentation_members_and_overwrite(scene, volume, tiny_bundle, tmp_p
     for k, member in enumerate(members, start=1):
         expected = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"hippocampus_001_member{k}_seg.nii.gz")))
         assert np.array_equal(labelmap_of(member, volume), expected)
+
+
+def test_the_uncertainty_output_can_never_be_an_input(scene, volume, tiny_bundle):
+    before = bridge.array_from_volume(volume)
+    with pytest.raises(ValueError, match="is an input volume"):
+        SegmentationLogic(scene).process(volume, str(tiny_bundle), outputUncertaintyNode=volume, **SETTINGS)
+    assert np.array_equal(bridge.array_from_volume(volume), before)
