@@ -110,21 +110,11 @@ class Worker:
 
     def poll(self) -> list[dict]:
         """Progress events received since the last call (never blocks)."""
-        events = []
-        while True:
-            try:
-                events.append(self._events.get_nowait())
-            except queue.Empty:
-                return events
+        return _drain(self._events)
 
     def poll_log(self) -> list[str]:
         """Log lines (everything that is not a progress event) received since the last call (never blocks)."""
-        lines = []
-        while True:
-            try:
-                lines.append(self._new_lines.get_nowait())
-            except queue.Empty:
-                return lines
+        return _drain(self._new_lines)
 
     def running(self) -> bool:
         """True while the process runs or its output is still being read."""
@@ -176,6 +166,16 @@ class Worker:
         return WorkerResult(
             returncode, self._cancelled, dict(self._outputs), dict(self._settings), error, list(self._log)
         )
+
+
+def _drain(items: queue.Queue) -> list:
+    """Everything in the queue now, without waiting."""
+    drained = []
+    while True:
+        try:
+            drained.append(items.get_nowait())
+        except queue.Empty:
+            return drained
 
 
 def _signal_group(pid: int, sig: int) -> None:
