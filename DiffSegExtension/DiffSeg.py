@@ -515,7 +515,8 @@ class DiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.outputSegmentation = run.segmentationNode
             self._parameterNode.outputUncertainty = run.uncertaintyNode
         if run.state == "failed":
-            slicer.util.errorDisplay(f"DiffSeg failed: {run.error}")
+            self.ui.logCollapsibleButton.collapsed = False  # what the process printed, next to the error
+            slicer.util.errorDisplay(f"DiffSeg failed: {run.error}\n\nThe panel's Log section shows the process's output.")
         self._updateState()
 
 

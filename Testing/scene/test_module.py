@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import shutil
 import sys
 import time
 import types
@@ -274,3 +275,29 @@ def test_apply_progress_result_reapply_and_cancel(app, standalone, monkeypatch):
     assert widget._run.state == "cancelled" and ui.applyButton.text == "Apply"
     assert node_ids(scene) == before
     assert (segments.GetNumberOfSegments(), segmentation.GetAttribute("DiffSeg.seed")) == content
+
+
+def test_a_failed_run_shows_the_error_and_opens_the_log(app, standalone, tiny_bundle, tmp_path, monkeypatch):
+    pytest.importorskip("torch", reason="the run itself needs the core's packages (not in the light 3.12 venv)")
+    pytest.importorskip("jsonschema", reason="a registry other than the shipped one is checked with jsonschema")
+    broken = tmp_path / "zoo" / "tiny"
+    shutil.copytree(tiny_bundle, broken)
+    (broken / "diffusion.safetensors").write_bytes(b"not weights")
+    meta = read_meta(broken)
+    entry = {key: meta[key] for key in ("id", "title", "description", "modality", "license", "classes")}
+    entry.update(citation="", expected_seconds={"gpu": 1, "cpu": 1}, versions=[{"version": "0.0.1", "bundled": "tiny"}])
+    registry = tmp_path / "zoo" / "models.json"
+    registry.write_text(json.dumps({"format_version": 1, "models": [entry]}))
+    monkeypatch.setenv("DIFFSEG_REGISTRY", str(registry))
+    standalone.load_volume(CASE, "hippocampus_001")
+    errors: list[str] = []
+    monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, **kw: errors.append(text))
+    widget = open_module(app)
+    widget._parameterNode.device = "cpu"
+    before = node_ids(standalone.scene)
+    widget.ui.applyButton.click()
+    pump(widget)
+    assert widget._run.state == "failed" and widget.ui.applyButton.text == "Apply"
+    assert len(errors) == 1 and widget._run.error in errors[0] and "Log" in errors[0]
+    assert not widget.ui.logCollapsibleButton.collapsed and widget.ui.logTextEdit.toPlainText().strip()
+    assert node_ids(standalone.scene) == before
