@@ -11,4 +11,5 @@ export QT_QPA_PLATFORM=offscreen
 # Python 3.12: the core must at least compile; the Slicer-side modules and the panel run for real.
 .venv312/bin/python -m compileall -q DiffSegCore DiffSegExtension Testing
 .venv312/bin/python -m pytest -q -p no:cacheprovider Testing/ui Testing/scene/test_module.py \
-  Testing/scene/test_gui_imports.py Testing/scene/test_slicer_api.py Testing/scene/test_dependencies.py
+  Testing/scene/test_gui_imports.py Testing/scene/test_slicer_api.py Testing/scene/test_dependencies.py \
+  Testing/scene/test_registry_panel.py

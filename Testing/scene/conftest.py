@@ -40,7 +40,7 @@ SEED = 7
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory) -> Path:
     """An untrained but real network saved as a bundle; tests compare the Logic with the CLI on it."""
-    import torch
+    torch = pytest.importorskip("torch", reason="not in the light Python 3.12 venv (a fresh Slicer)")
 
     from DiffSegCore.models.bundle import save_bundle
     from DiffSegCore.networks.unet import build_network, network_defaults
