@@ -153,6 +153,6 @@ def test_concurrent_downloads_leave_one_good_copy(server, tmp_path):
 
 def test_fetch_bytes_reads_small_files(server):
     server.files["/models.json"] = b'{"models": []}'
-    assert fetch_bytes(server.url("/models.json")) == b'{"models": []}'
+    assert fetch_bytes(server.url("/models.json"), limit=100) == b'{"models": []}'
     with pytest.raises(DownloadError, match="HTTP 404"):
-        fetch_bytes(server.url("/nothing.json"))
+        fetch_bytes(server.url("/nothing.json"), limit=100)
