@@ -213,6 +213,13 @@ def resolve(meta: dict, chosen: Mapping[str, Any] | None = None) -> RunSettings:
     return RunSettings(**values)
 
 
+def setting_warnings(settings: RunSettings) -> list[str]:
+    """What the user should know about settings that run but may not give what they expect (one line each)."""
+    if settings.ensemble == 1:
+        return ["one ensemble member has no uncertainty: the uncertainty volume is all zero; use --ensemble 2 or more"]
+    return []
+
+
 def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, names: tuple[str, ...] = ()) -> None:
     """Register the settings (all, or those in `names`) as options; an option left out parses as None."""
     for setting in SETTINGS:

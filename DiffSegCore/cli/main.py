@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         _report_error(args, str(exc))
         return 2
     except KeyboardInterrupt:
-        _report_error(args, "interrupted; no outputs were written for the unfinished case")
+        _report_error(args, getattr(args, "interrupted", "interrupted; no outputs were written for the unfinished case"))
         return 130
     except Exception as exc:
         if args.debug:

@@ -485,13 +485,14 @@ def remove_model(ref: str) -> list[str]:
         hint = " (bundled models ship with DiffSeg and cannot be removed)" if bundled else ""
         raise ModelError(f"{ref} is not in the model cache {cache_dir()}{hint}")
     removed = []
-    for name in chosen:
-        folder = _version_dir(model_id, name)
-        # Rename first so a half-deleted folder never looks like an installed model.
-        trash = folder.with_name(f".removing-{name}-{os.getpid()}")
-        os.replace(folder, trash)
-        shutil.rmtree(trash, ignore_errors=True)
-        removed.append(f"{model_id}@{name}")
-    if not any((cache_dir() / model_id).iterdir()):
-        (cache_dir() / model_id).rmdir()
+    with _writing_home():
+        for name in chosen:
+            folder = _version_dir(model_id, name)
+            # Rename first so a half-deleted folder never looks like an installed model.
+            trash = folder.with_name(f".removing-{name}-{os.getpid()}")
+            os.replace(folder, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+            removed.append(f"{model_id}@{name}")
+        if not any((cache_dir() / model_id).iterdir()):
+            (cache_dir() / model_id).rmdir()
     return removed
