@@ -20,8 +20,8 @@ from DiffSegCore.errors import InputError, RuntimeFault
 from DiffSegCore.inference.ensemble import EnsembleResult, predict_volume
 from DiffSegCore.inference.plan import resolve_device
 from DiffSegCore.io.preprocess import prepare_image, resample_like, resample_to_spacing
-from DiffSegCore.io.sanity import input_warnings
 from DiffSegCore.io.preview import write_preview
+from DiffSegCore.io.sanity import input_warnings
 from DiffSegCore.io.volumes import from_array, read_channels, read_volume, same_geometry, to_array, write_image_atomic
 from DiffSegCore.models.bundle import ModelBundle, load_bundle
 from DiffSegCore.models.metadata import read_meta

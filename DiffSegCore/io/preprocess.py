@@ -9,7 +9,6 @@ import torch
 from DiffSegCore.errors import InputError
 from DiffSegCore.io.volumes import to_array
 
-
 MAX_RESAMPLED_VOXELS = 2**31  # more than any scan at any model spacing; past it, resampling cannot allocate
 
 

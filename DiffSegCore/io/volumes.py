@@ -32,7 +32,7 @@ class _ItkMessages(sitk.LoggerBase):
         super().__init__()
         self.lines: list[str] = []
 
-    def DisplayText(self, text: str) -> None:  # noqa: N802 (ITK's names)
+    def DisplayText(self, text: str) -> None:
         if text.strip():
             self.lines.append(_one_line(text))
 
