@@ -126,7 +126,7 @@ def test_itk_warnings_are_one_line_each_not_blocks(tiny_bundle, tmp_path):
     series = dicom_series(tmp_path / "gappy", [0, 1, 2, 4, 5, 6])
     process = cli_process("segment", series, "--model", tiny_bundle, "--output-dir", tmp_path / "out",
                           "--steps", 1, "--ensemble", 2, encoding="utf-8")  # fmt: skip
-    out, err = process.communicate(timeout=300)
+    _, err = process.communicate(timeout=300)
     assert process.returncode == 0, err
     assert "WARNING: In" not in err and ".hxx" not in err, err
     lines = [line.split("\r")[-1] for line in err.splitlines() if "Non uniform sampling" in line]
