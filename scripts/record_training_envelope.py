@@ -29,7 +29,7 @@ def main() -> None:
     meta = json.loads(meta_path.read_text())
     held_out = set(((meta.get("training") or {}).get("split") or {}).get("validation") or [])
     cases = {name: paths for name, paths in collect_cases([args.data / "imagesTr"]).items() if name not in held_out}
-    envelope = training_envelope([read_channels(paths) for paths in cases.values()])
+    envelope = training_envelope(read_channels(paths) for paths in cases.values())
     meta["training"] = {**meta.get("training", {}), **envelope, "envelope_cases": len(cases)}
     write_text(meta_path, json.dumps(meta, indent=2) + "\n")
     print(f"{meta_path}: {len(cases)} training cases; {json.dumps(envelope)}")

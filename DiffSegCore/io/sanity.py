@@ -121,18 +121,18 @@ def input_warnings(images: list[sitk.Image], paths: list[Path], meta: dict) -> l
     return [w for w in warnings if w]
 
 
-def training_envelope(images: list[list[sitk.Image]]) -> dict:
+def training_envelope(cases: Iterable[list[sitk.Image]]) -> dict:
     """What a model's training images were like, in model.json `training`'s keys (see the module doc).
 
     Args:
-        images: per training case, one image per channel.
+        cases: per training case, one image per channel; an iterator is read one case at a time.
     """
-    size = np.array([case[0].GetSize() for case in images], dtype=float)
-    spacing = np.array([case[0].GetSpacing() for case in images], dtype=float)
-    extent = size * spacing
-    percentiles = np.array(
-        [[np.percentile(sitk.GetArrayViewFromImage(img), PERCENTILES) for img in case] for case in images]
-    )  # (cases, channels, 2)
+    sizes, spacings, percentiles = [], [], []
+    for case in cases:
+        sizes.append(case[0].GetSize())
+        spacings.append(case[0].GetSpacing())
+        percentiles.append([np.percentile(sitk.GetArrayViewFromImage(image), PERCENTILES) for image in case])
+    size, spacing, ranges = np.array(sizes, float), np.array(spacings, float), np.array(percentiles)  # ranges: (cases, C, 2)
 
     def number(value: float) -> float | int:
         return int(value) if float(value).is_integer() else round(float(value), 4)
@@ -142,10 +142,9 @@ def training_envelope(images: list[list[sitk.Image]]) -> dict:
 
     return {
         "intensity_percentiles": [
-            [number(percentiles[:, c, 0].min()), number(percentiles[:, c, 1].max())]
-            for c in range(percentiles.shape[1])
+            [number(ranges[:, c, 0].min()), number(ranges[:, c, 1].max())] for c in range(ranges.shape[1])
         ],
         "size_range": span(size),
         "spacing_range": span(spacing),
-        "extent_range": span(extent),
+        "extent_range": span(size * spacing),
     }
