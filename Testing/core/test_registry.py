@@ -575,3 +575,17 @@ def test_a_read_only_data_folder_is_one_line_that_says_what_to_do(lab, tmp_path,
         folder = make_tiny_bundle(tmp_path / "mine", id="mine", version="1.0.0")
         refused(models_cli(capsys, "import", folder), "cannot write in the DiffSeg data folder", "writable")
         refused(models_cli(capsys, "download", "lab-model"), "cannot write in the DiffSeg data folder")
+
+
+def test_a_zip_member_whose_data_does_not_match_its_header_is_refused(lab, tmp_path, capsys):
+    files = bundle_files(make_tiny_bundle(tmp_path / "b", id="flipped", version="1.0.0"))
+    zipped = tmp_path / "flipped.zip"
+    with zipfile.ZipFile(zipped, "w", zipfile.ZIP_STORED) as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+        offset = archive.getinfo("diffusion.safetensors").header_offset
+    raw = bytearray(zipped.read_bytes())
+    raw[offset + 30 + len("diffusion.safetensors") + 5000] ^= 0xFF  # one byte of the stored weights
+    zipped.write_bytes(bytes(raw))
+    refused(models_cli(capsys, "import", zipped), "diffusion.safetensors", "corrupt or truncated", "CRC")
+    assert cache_files(lab) == []
