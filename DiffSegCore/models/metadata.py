@@ -46,14 +46,17 @@ class BundleSource:
         if not self.path.exists():
             raise ModelError(f"model bundle not found: {self.shown}; pass a bundle folder, a .zip or a model id")
         self.zip = None
-        if self.path.is_file():
-            try:
-                self.zip = zipfile.ZipFile(self.path)
-            except (zipfile.BadZipFile, OSError):
-                raise ModelError(f"{self.shown} is neither a bundle folder nor a valid .zip; {fix}") from None
-            members = zip_members(self.zip, self.shown)
-        else:
-            members = folder_members(self.path, self.shown)
+        try:
+            if self.path.is_file():
+                try:
+                    self.zip = zipfile.ZipFile(self.path)
+                except zipfile.BadZipFile:
+                    raise ModelError(f"{self.shown} is neither a bundle folder nor a valid .zip; {fix}") from None
+                members = zip_members(self.zip, self.shown)
+            else:
+                members = folder_members(self.path, self.shown)
+        except OSError as exc:
+            raise ModelError(f"cannot read {self.shown} ({exc.strerror or exc}); check that you may read it") from None
         self.members = {m.name: m for m in bundle_root(members, MODEL_FILE)}
 
     def read(self, name: str, limit: int = MAX_MEMBER_BYTES) -> bytes:
