@@ -53,6 +53,17 @@ def test_impossible_spacing_is_refused(cli, tiny_bundle, small_case, tmp_path, s
     assert folder_entries(tmp_path / "out") == []
 
 
+def test_a_spacing_that_would_resample_to_billions_of_voxels_is_refused(cli, tiny_bundle, small_case, tmp_path):
+    # 900 mm voxels are within what a header may say, but at the model's 1 mm the 20 x 24 x 16 crop would
+    # need 18000 x 21600 x 14400 voxels: refused before ITK tries to allocate them.
+    image = sitk.ReadImage(str(small_case))
+    image.SetSpacing((900.0, 900.0, 900.0))
+    sitk.WriteImage(image, str(tmp_path / "huge_001.nii.gz"))
+    result = run(cli, tmp_path / "huge_001.nii.gz", tiny_bundle, tmp_path / "out")
+    assert_one_line_error(result, "would become 18000 x 21600 x 14400 voxels", "check the voxel spacing")
+    assert folder_entries(tmp_path / "out") == []
+
+
 def test_a_label_map_given_as_the_image_is_warned(cli, tiny_bundle, hippocampus_case, tmp_path):
     labels = write_volume(tmp_path / "labels_001.nii.gz", sitk.GetArrayFromImage(sitk.ReadImage(str(hippocampus_case[1]))))
     notes, recorded = run_warnings(run(cli, labels, tiny_bundle, tmp_path / "out"), tmp_path / "out", "labels_001")
