@@ -104,8 +104,13 @@ def zip_members(archive: zipfile.ZipFile, shown_as: str) -> list[Member]:
     return members
 
 
-def folder_members(root: Path, shown_as: str) -> list[Member]:
-    """The files below `root`, checked (no links or special files, counts, sizes); links are never followed."""
+def folder_members(root: Path, shown_as: str, file_links: bool = False) -> list[Member]:
+    """The files below `root`, checked (no links or special files, counts, sizes).
+
+    Links to folders are never followed (a link to `.` never ends). Links to files are refused too,
+    unless `file_links`: a bundle used where it lies may keep its weights elsewhere (git-annex, DVC),
+    one copied into the cache may not take in files from outside it.
+    """
     members: list[Member] = []
     pending, entries = [root], 0
     while pending:
@@ -120,6 +125,9 @@ def folder_members(root: Path, shown_as: str) -> list[Member]:
                 path = Path(entry.path)
                 name = path.relative_to(root).as_posix()
                 if _ignored(PurePosixPath(name).parts):
+                    continue
+                if entry.is_symlink() and file_links and entry.is_file():
+                    members.append(Member(name, entry.stat().st_size, partial(path.open, "rb")))
                     continue
                 if entry.is_symlink():
                     raise ModelError(

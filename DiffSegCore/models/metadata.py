@@ -37,9 +37,10 @@ class BundleSource:
 
     `shown_as` names the bundle in messages (the path the user gave, not a staging copy) and `fix`
     says what to do when it is broken (re-export an import, tell the maintainer of a download).
+    A folder may hold links to files only when `file_links` (used in place, never copied).
     """
 
-    def __init__(self, path: Path, shown_as: str | None = None, fix: str = DEFAULT_FIX):
+    def __init__(self, path: Path, shown_as: str | None = None, fix: str = DEFAULT_FIX, file_links: bool = True):
         self.path = Path(path)
         self.shown = shown_as or str(self.path)
         self.fix = fix
@@ -54,7 +55,7 @@ class BundleSource:
                     raise ModelError(f"{self.shown} is neither a bundle folder nor a valid .zip; {fix}") from None
                 members = zip_members(self.zip, self.shown)
             else:
-                members = folder_members(self.path, self.shown)
+                members = folder_members(self.path, self.shown, file_links)
         except OSError as exc:
             raise ModelError(f"cannot read {self.shown} ({exc.strerror or exc}); check that you may read it") from None
         self.members = {m.name: m for m in bundle_root(members, MODEL_FILE)}

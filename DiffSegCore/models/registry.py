@@ -420,7 +420,7 @@ def _install(
     """
     from DiffSegCore.models.bundle import validate_bundle  # torch is needed only here
 
-    bundle = BundleSource(source, shown, fix)
+    bundle = BundleSource(source, shown, fix, file_links=False)  # the cache takes in no file from outside
     members = list(bundle.members.values())
     refuse_pickles(members, shown)
     meta = meta_of(bundle)

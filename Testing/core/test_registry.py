@@ -589,3 +589,19 @@ def test_a_zip_member_whose_data_does_not_match_its_header_is_refused(lab, tmp_p
     zipped.write_bytes(bytes(raw))
     refused(models_cli(capsys, "import", zipped), "diffusion.safetensors", "corrupt or truncated", "CRC")
     assert cache_files(lab) == []
+
+
+def test_a_bundle_used_in_place_may_link_its_weights_but_an_import_may_not(lab, tmp_path, capsys, small_case):
+    # git-annex and DVC keep a folder's files elsewhere and link to them: fine where the bundle lies,
+    # refused when it would be copied into the cache.
+    folder = make_tiny_bundle(tmp_path / "annexed", id="annexed", version="1.0.0")
+    store = tmp_path / "store"
+    store.mkdir()
+    (folder / "diffusion.safetensors").rename(store / "weights")
+    (folder / "diffusion.safetensors").symlink_to(store / "weights")
+    capsys.readouterr()
+    code = cli.main(["segment", str(small_case), "--model", str(folder), "--output-dir", str(tmp_path / "out"),
+                     "--steps", "1", "--ensemble", "2", "--progress", "none"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    refused(models_cli(capsys, "import", folder), "diffusion.safetensors", "is a symbolic link")
+    assert cache_files(lab) == []
