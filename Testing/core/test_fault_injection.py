@@ -109,3 +109,5 @@ def test_model_download_killed_at_random_points_leaves_only_complete_models(tmp_
         assert last.returncode == 0, err
         assert validate_bundle(home / "models" / "lab-model" / "1.0.0")["id"] == "lab-model"
         assert [n for n in folder_entries(home / "downloads") if n.endswith(".part")] == []
+        # Staging folders of installs killed with -9 were removed by the next install.
+        assert [n for n in folder_entries(home / "models") if n.startswith(".")] == []

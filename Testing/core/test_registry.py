@@ -605,3 +605,16 @@ def test_a_bundle_used_in_place_may_link_its_weights_but_an_import_may_not(lab, 
     assert code == 0, capsys.readouterr().err
     refused(models_cli(capsys, "import", folder), "diffusion.safetensors", "is a symbolic link")
     assert cache_files(lab) == []
+
+
+def test_staging_left_by_a_killed_install_is_removed_by_the_next_one(lab, tmp_path):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    cache = lab.home / "models"
+    dead = cache / f"{registry._STAGING}{registry._HOST}-{gone.pid}-abc"
+    live = cache / f"{registry._STAGING}{registry._HOST}-{os.getpid()}-abc"
+    for folder in (dead, live):
+        (folder / "bundle").mkdir(parents=True)
+        (folder / "bundle" / "diffusion.safetensors").write_bytes(b"half")
+    registry.import_model(make_tiny_bundle(tmp_path / "next", id="next", version="1.0.0"))
+    assert not dead.exists() and live.exists()  # a live process's staging is its own
