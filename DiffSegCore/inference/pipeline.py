@@ -19,6 +19,7 @@ import torch
 from DiffSegCore.errors import InputError, RuntimeFault
 from DiffSegCore.inference.ensemble import EnsembleResult, predict_volume
 from DiffSegCore.inference.plan import resolve_device
+from DiffSegCore.io.atomic import owned_prefix, remove_orphans
 from DiffSegCore.io.preprocess import prepare_image, resample_like, resample_to_spacing
 from DiffSegCore.io.preview import write_preview
 from DiffSegCore.io.sanity import input_warnings
@@ -179,7 +180,8 @@ def segment_case(
     clock = time.perf_counter()
     progress.report("write", "writing outputs")
     try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{case}.", dir=output_dir))
+        remove_orphans(output_dir, f".{case}.")  # left by a run of this case killed with -9
+        staging = Path(tempfile.mkdtemp(prefix=owned_prefix(f".{case}."), dir=output_dir))
     except OSError as exc:
         raise RuntimeFault(f"cannot write in {output_dir} ({exc.strerror}); check write permission") from None
     try:

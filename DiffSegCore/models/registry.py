@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import re
 import shutil
 import tempfile
@@ -33,7 +32,7 @@ import platformdirs
 from filelock import FileLock
 
 from DiffSegCore.errors import ModelError
-from DiffSegCore.io.atomic import write_text
+from DiffSegCore.io.atomic import owned_prefix, remove_orphans, write_text
 from DiffSegCore.models.downloads import ByteProgress, download_file, fetch_bytes
 from DiffSegCore.models.intake import copy_members
 from DiffSegCore.models.metadata import MODEL_FILE, BundleSource, meta_of, read_meta, schema_error
@@ -46,8 +45,7 @@ INSTALL_FILE = "install.json"
 MAX_REGISTRY_BYTES = 8 << 20  # a registry lists models; a bigger answer is not one
 IMPORT_FIX = "fix or export the bundle again"
 DOWNLOAD_FIX = "the published file is broken, tell the registry maintainer"
-_STAGING = ".staging-"
-_HOST = re.sub(r"[^A-Za-z0-9.]", "_", platform.node())[:40] or "host"  # staging folders say whose they are
+STAGING = ".staging-"
 _MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # as in the schemas
 _SEMVER = re.compile(r"(\d+)\.(\d+)\.(\d+)(?:-([0-9A-Za-z.-]+))?(?:\+[0-9A-Za-z.-]+)?")
 
@@ -411,25 +409,6 @@ def _download(model_id: str, spec: dict, progress: ByteProgress | None) -> Path:
 # installing (download or import), removing
 
 
-def _remove_dead_staging(cache: Path) -> None:
-    """Staging folders of installs on this machine whose process is gone (killed with -9), which could
-    not clean up after themselves; those of live processes are theirs."""
-    for folder in cache.glob(f"{_STAGING}{_HOST}-*-*"):
-        pid = folder.name.removeprefix(f"{_STAGING}{_HOST}-").split("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
-
-
 def _install(
     source: Path, shown: str, record: dict, fix: str, expect: tuple[str, str] | None = None, replace: bool = False
 ) -> dict:
@@ -455,8 +434,8 @@ def _install(
     with _writing_home():
         cache = cache_dir()
         cache.mkdir(parents=True, exist_ok=True)
-        _remove_dead_staging(cache)
-        staging = Path(tempfile.mkdtemp(prefix=f"{_STAGING}{_HOST}-{os.getpid()}-", dir=cache))
+        remove_orphans(cache, STAGING)
+        staging = Path(tempfile.mkdtemp(prefix=owned_prefix(STAGING), dir=cache))
         try:
             root = staging / "bundle"
             copy_members(members, root, shown)

@@ -17,6 +17,7 @@ import pytest
 
 from DiffSegCore.cli import main as cli
 from DiffSegCore.errors import ModelError
+from DiffSegCore.io.atomic import HOST, owned_prefix
 from DiffSegCore.models import registry
 from DiffSegCore.models.bundle import load_bundle
 from DiffSegCore.models.downloads import ChecksumError
@@ -611,8 +612,8 @@ def test_staging_left_by_a_killed_install_is_removed_by_the_next_one(lab, tmp_pa
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     cache = lab.home / "models"
-    dead = cache / f"{registry._STAGING}{registry._HOST}-{gone.pid}-abc"
-    live = cache / f"{registry._STAGING}{registry._HOST}-{os.getpid()}-abc"
+    dead = cache / f"{registry.STAGING}{HOST}-{gone.pid}-abc"
+    live = cache / f"{owned_prefix(registry.STAGING)}abc"
     for folder in (dead, live):
         (folder / "bundle").mkdir(parents=True)
         (folder / "bundle" / "diffusion.safetensors").write_bytes(b"half")

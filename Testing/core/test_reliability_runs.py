@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from DiffSegCore.io.atomic import HOST, owned_prefix
 from DiffSegCore.resources import resource_path
 from Testing.core.conftest import assert_one_line_error, cli_process, folder_entries, write_volume
 
@@ -144,3 +147,15 @@ def test_itk_warnings_are_one_line_each_not_blocks(tiny_bundle, tmp_path):
     assert len(lines) == 1 and lines[0].startswith(f"warning: reading {series}: Non uniform sampling"), err
     record = json.loads((tmp_path / "out" / "gappy_run.json").read_text())
     assert [w for w in record["warnings"] if "Non uniform" in w] == [lines[0].removeprefix("warning: ")]
+
+
+def test_staging_left_by_a_run_killed_with_minus_9_is_removed_by_the_next_run(cli, tiny_bundle, small_case, tmp_path):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = tmp_path / f".small_001.{HOST}-{gone.pid}-x1"
+    live = tmp_path / f"{owned_prefix('.small_001.')}x2"  # this process: a run still writing
+    for folder in (dead, live):
+        folder.mkdir()
+        (folder / "small_001_seg.nii.gz").write_bytes(b"half")
+    assert run(cli, small_case, tiny_bundle, tmp_path).code == 0
+    assert not dead.exists() and live.exists()
