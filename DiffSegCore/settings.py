@@ -9,6 +9,7 @@ overridden by what the user chose; then checked against the model (one-line erro
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -56,8 +57,10 @@ class Setting:
                 converted = int(value)
             else:
                 converted = self.kind(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise InputError(f"{self.flag} must be {self.kind.__name__}, not {value!r}") from None
+        if self.kind is float and not math.isfinite(converted):
+            raise InputError(f"{self.flag} must be a finite number, not {value!r}")
         if self.choices is not None and converted not in self.choices:
             raise InputError(f"{self.flag} {converted} is unknown; use one of {', '.join(self.choices)}")
         low = -float("inf") if self.minimum is None else self.minimum
@@ -95,7 +98,9 @@ SETTINGS: tuple[Setting, ...] = (
         choices=SAMPLERS,
         model_default=True,
     ),
-    Setting("eta", float, 0.0, "DDIM eta (0 = deterministic updates)", minimum=0.0, model_default=True),
+    Setting(
+        "eta", float, 0.0, "DDIM eta: 0 deterministic updates, 1 as noisy as DDPM", minimum=0.0, maximum=1.0, model_default=True
+    ),
     Setting(
         "preseg",
         str,
@@ -206,6 +211,13 @@ def resolve(meta: dict, chosen: Mapping[str, Any] | None = None) -> RunSettings:
             )
         values["steps"] = limit
     return RunSettings(**values)
+
+
+def setting_warnings(settings: RunSettings) -> list[str]:
+    """What the user should know about settings that run but may not give what they expect (one line each)."""
+    if settings.ensemble == 1:
+        return ["one ensemble member has no uncertainty: the uncertainty volume is all zero; use --ensemble 2 or more"]
+    return []
 
 
 def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, names: tuple[str, ...] = ()) -> None:

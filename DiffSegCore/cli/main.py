@@ -7,6 +7,7 @@ import signal
 import sys
 import threading
 import traceback
+import warnings
 
 from DiffSegCore import __version__
 from DiffSegCore.cli.evaluate import add_evaluate_parser
@@ -37,6 +38,13 @@ def _report_error(args: argparse.Namespace | None, message: str) -> None:
     tqdm.write(f"error: {message}", file=sys.stderr)  # on its own line even while a progress bar is drawn
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line, like an error (Python's format adds a source location and line)."""
+    from tqdm import tqdm
+
+    tqdm.write(f"warning: {message}", file=sys.stderr)
+
+
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
@@ -49,14 +57,16 @@ def main(argv: list[str] | None = None) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return args.func(args)
     except DiffSegError as exc:
         if args.debug:
             traceback.print_exc()
         _report_error(args, str(exc))
         return 2
     except KeyboardInterrupt:
-        _report_error(args, "interrupted; no outputs were written for the unfinished case")
+        _report_error(args, getattr(args, "interrupted", "interrupted; no outputs were written for the unfinished case"))
         return 130
     except Exception as exc:
         if args.debug:

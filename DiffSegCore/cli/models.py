@@ -32,12 +32,15 @@ def add_models_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
 
     download = commands.add_parser("download", help="download a registry model into the cache")
     download.add_argument("ref", metavar="ID[@VERSION]")
-    download.set_defaults(func=_download)
+    download.set_defaults(
+        func=_download,
+        interrupted="interrupted; nothing was added to the model cache, run the command again to resume the download",
+    )
 
     importing = commands.add_parser("import", help="check your own bundle (.zip or folder) and add it to the cache")
     importing.add_argument("path", metavar="ZIP_OR_FOLDER")
     importing.add_argument("--replace", action="store_true", help="overwrite the same id and version in the cache")
-    importing.set_defaults(func=_import)
+    importing.set_defaults(func=_import, interrupted="interrupted; nothing was added to the model cache")
 
     remove = commands.add_parser("remove", help="delete a model (all versions, or ID@VERSION) from the cache")
     remove.add_argument("ref", metavar="ID[@VERSION]")

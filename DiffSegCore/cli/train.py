@@ -117,6 +117,8 @@ def _spec(args, channel_count: int) -> dict:
 
 def prepare_run(args, run_dir: Path, card: dict | None) -> dict:
     """Find, check, split and cache the data; write split.json, cases.json and data.json."""
+    from DiffSegCore.io.sanity import training_envelope
+    from DiffSegCore.io.volumes import read_channels
     from DiffSegCore.training.cache import build_cache, write_index
     from DiffSegCore.training.datasets import find_cases, split_cases, usable_cases
 
@@ -158,6 +160,9 @@ def prepare_run(args, run_dir: Path, card: dict | None) -> dict:
         },
     }
     data["command"] = command_line(args)
+    # What the training images were like, so that runs on inputs far from them say so (io/sanity.py).
+    train = set(split["train"])
+    data["envelope"] = training_envelope(read_channels(list(c.images)) for c in cases if c.name in train)
     write_json(run_dir / "data.json", data)
     return data
 

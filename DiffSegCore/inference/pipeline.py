@@ -19,14 +19,16 @@ import torch
 from DiffSegCore.errors import InputError, RuntimeFault
 from DiffSegCore.inference.ensemble import EnsembleResult, predict_volume
 from DiffSegCore.inference.plan import resolve_device
-from DiffSegCore.io.preprocess import intensity_warnings, prepare_image, resample_like, resample_to_spacing
+from DiffSegCore.io.atomic import owned_prefix, remove_orphans
+from DiffSegCore.io.preprocess import prepare_image, resample_like, resample_to_spacing
 from DiffSegCore.io.preview import write_preview
+from DiffSegCore.io.sanity import input_warnings
 from DiffSegCore.io.volumes import from_array, read_channels, read_volume, same_geometry, to_array, write_image_atomic
 from DiffSegCore.models.bundle import ModelBundle, load_bundle
 from DiffSegCore.models.metadata import read_meta
 from DiffSegCore.models.registry import resolve_model
 from DiffSegCore.progress import RunProgress
-from DiffSegCore.settings import PRESEG_SOURCES, RunSettings, resolve
+from DiffSegCore.settings import PRESEG_SOURCES, RunSettings, resolve, setting_warnings
 
 
 @dataclass
@@ -115,8 +117,9 @@ def run_case(
         clock = now
 
     progress.report("load", f"reading {', '.join(p.name for p in inputs)}")
-    images = read_channels(inputs)
-    warnings = intensity_warnings(images, bundle.meta)
+    warnings: list[str] = []  # ITK's messages while reading, then what sanity and settings find
+    images = read_channels(inputs, warnings)
+    warnings += input_warnings(images, inputs, bundle.meta) + setting_warnings(settings)
     for warning in warnings:
         progress.note(f"warning: {warning}")
     reference = images[0]
@@ -177,7 +180,8 @@ def segment_case(
     clock = time.perf_counter()
     progress.report("write", "writing outputs")
     try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{case}.", dir=output_dir))
+        remove_orphans(output_dir, f".{case}.")  # left by a run of this case killed with -9
+        staging = Path(tempfile.mkdtemp(prefix=owned_prefix(f".{case}."), dir=output_dir))
     except OSError as exc:
         raise RuntimeFault(f"cannot write in {output_dir} ({exc.strerror}); check write permission") from None
     try:

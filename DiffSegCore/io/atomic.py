@@ -8,13 +8,42 @@ files that `stale_temporaries` finds. Standard library only: the torch-free laye
 
 from __future__ import annotations
 
+import glob
 import os
+import platform
+import re
 import secrets
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
+
+HOST = re.sub(r"[^A-Za-z0-9.]", "_", platform.node())[:40] or "host"
+
+
+def owned_prefix(prefix: str) -> str:
+    """`prefix` followed by this host and process: a staging folder named so says whose it is."""
+    return f"{prefix}{HOST}-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def remove_orphans(folder: Path, prefix: str) -> None:
+    """Remove the staging folders `folder`/`prefix`<host>-<pid>-* of processes on this host that are gone
+    (killed with -9, they could not clean up); those of live processes are theirs."""
+    for staging in Path(folder).glob(f"{glob.escape(prefix)}{HOST}-*-*"):
+        pid = staging.name.removeprefix(f"{prefix}{HOST}-").split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def temporary_prefix(path: Path) -> str:

@@ -6,8 +6,10 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from DiffSegCore.errors import InputError, ModelError
+from DiffSegCore.errors import InputError
 from DiffSegCore.io.volumes import to_array
+
+MAX_RESAMPLED_VOXELS = 2**31  # more than any scan at any model spacing; past it, resampling cannot allocate
 
 
 def needs_resampling(image: sitk.Image, spacing: list[float] | None) -> bool:
@@ -19,6 +21,12 @@ def resample_to_spacing(image: sitk.Image, spacing: list[float] | None, is_label
     if not needs_resampling(image, spacing):
         return image
     size = [max(1, round(n * s / t)) for n, s, t in zip(image.GetSize(), image.GetSpacing(), spacing)]
+    if np.prod(size, dtype=float) > MAX_RESAMPLED_VOXELS:
+        shown = " x ".join(map(str, image.GetSize()))
+        raise InputError(
+            f"at the model's spacing of {' x '.join(f'{t:g}' for t in spacing)} mm, the {shown} voxel volume would "
+            f"become {' x '.join(map(str, size))} voxels; check the voxel spacing in the file's header"
+        )
     interpolator = sitk.sitkNearestNeighbor if is_label else sitk.sitkLinear
     return sitk.Resample(
         image,
@@ -60,31 +68,6 @@ def normalise(array: np.ndarray, spec: dict) -> np.ndarray:
         raise InputError(f"unknown normalisation '{kind}' in the model's channel spec")
     std = float(array.std())
     return ((array - array.mean()) / (std if std > 1e-8 else 1.0)).astype(np.float32)
-
-
-def intensity_warnings(images: list[sitk.Image], meta: dict) -> list[str]:
-    """Channels whose robust intensity range (0.5-99.5 percentiles) is far from what the model was trained on.
-
-    The model records per channel the envelope of the training cases' percentiles in
-    meta["training"]["intensity_percentiles"] = [[low, high], ...]; "far" means lying entirely outside
-    it, or reaching more than one envelope width beyond it.
-    """
-    envelopes = (meta.get("training") or {}).get("intensity_percentiles")
-    if not envelopes:
-        return []
-    if len(envelopes) != len(meta["channels"]) or any(len(e) != 2 for e in envelopes):
-        raise ModelError("model.json training.intensity_percentiles must hold one [low, high] pair per channel")
-    warnings = []
-    for image, channel, (low, high) in zip(images, meta["channels"], envelopes):
-        p_low, p_high = np.percentile(sitk.GetArrayViewFromImage(image), [0.5, 99.5])
-        width = max(high - low, 1e-6)
-        if p_high < low or p_low > high or p_low < low - width or p_high > high + width:
-            warnings.append(
-                f"channel {channel.get('name', '?')} intensities ({p_low:.4g} to {p_high:.4g}) are far from the "
-                f"model's training range ({low:.4g} to {high:.4g}); check the modality and intensity scaling, "
-                "the result may be unreliable"
-            )
-    return warnings
 
 
 def coordinate_channels(shape: tuple[int, int, int]) -> torch.Tensor:

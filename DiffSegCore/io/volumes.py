@@ -8,7 +8,10 @@ import math
 import os
 import re
 import struct
+import warnings
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +20,47 @@ import SimpleITK as sitk
 from DiffSegCore.errors import InputError, RuntimeFault
 from DiffSegCore.io.atomic import atomic_path
 from DiffSegCore.io.cases import VOLUME_SUFFIXES
+from DiffSegCore.io.sanity import check_spacing
 
 NIFTI2_HEADER = 540
+
+
+class _ItkMessages(sitk.LoggerBase):
+    """Collects ITK's (and through it GDCM's) messages instead of letting them print blocks on stderr."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def DisplayText(self, text: str) -> None:
+        if text.strip():
+            self.lines.append(_one_line(text))
+
+    DisplayWarningText = DisplayErrorText = DisplayGenericOutputText = DisplayDebugText = DisplayText
+
+
+def _one_line(text: str) -> str:
+    """The message of an ITK block ('WARNING: In <file>, line n' / '<Class> (0x...): message')."""
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith(("WARNING: In", "ERROR: In"))]
+    message = re.sub(r"^\w+ \(0x[0-9a-f]+\):\s*", "", " ".join(lines))
+    return re.sub(r"\s+", " ", message)[:200]
+
+
+@contextmanager
+def _itk_messages(path: Path, notes: list[str] | None) -> Iterator[None]:
+    """ITK's messages while reading `path`, one line each: into `notes`, or else as Python warnings."""
+    logger = _ItkMessages()
+    previous = logger.SetAsGlobalITKLogger()
+    try:
+        yield
+    finally:
+        previous.SetAsGlobalITKLogger()
+        for line in logger.lines:
+            message = f"reading {path}: {line}"
+            if notes is None:
+                warnings.warn(message, stacklevel=4)
+            else:
+                notes.append(message)
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
@@ -94,19 +136,18 @@ def check_nifti(path: Path) -> None:
         raise InputError(f"{path} contains NaN or infinite voxels; fix or mask them before segmenting")
 
 
-def read_image(path: str | Path) -> sitk.Image:
-    """Read a file SimpleITK understands, or a DICOM series folder."""
+def read_image(path: str | Path, notes: list[str] | None = None) -> sitk.Image:
+    """Read a file SimpleITK understands, or a DICOM series folder.
+
+    ITK's warnings (non-uniform slices, odd headers) become one line each, added to `notes` when
+    given, else issued as Python warnings.
+    """
     path = Path(path)
     if not path.exists():
         raise InputError(f"input not found: {path}; check the path")
     try:
-        if path.is_dir():
-            return _read_dicom_series(path)
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
-        reader.ReadImageInformation()
-        check_nifti(path)
-        return reader.Execute()
+        with _itk_messages(path, notes):
+            return _read(path)
     except RuntimeError as exc:
         reason = _itk_reason(exc)
         if "Unable to determine ImageIO reader" in reason:
@@ -118,9 +159,20 @@ def read_image(path: str | Path) -> sitk.Image:
         ) from None
 
 
-def read_volume(path: str | Path) -> sitk.Image:
-    """Read a 3D scalar volume, refusing 2D, 4D, vector and empty images with a clear message."""
-    image = read_image(path)
+def _read(path: Path) -> sitk.Image:
+    if path.is_dir():
+        return _read_dicom_series(path)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    check_nifti(path)
+    return reader.Execute()
+
+
+def read_volume(path: str | Path, notes: list[str] | None = None) -> sitk.Image:
+    """Read a 3D scalar volume, refusing 2D, 4D, vector and empty images and impossible spacings with a
+    clear message; `notes` as in read_image."""
+    image = read_image(path, notes)
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(
             f"{path} has {image.GetNumberOfComponentsPerPixel()} components per voxel; the model needs scalar volumes, "
@@ -135,6 +187,7 @@ def read_volume(path: str | Path) -> sitk.Image:
     if 1 in image.GetSize():
         size = " x ".join(map(str, image.GetSize()))
         raise InputError(f"{path} is a single slice ({size} voxels); the model needs a 3D volume")
+    check_spacing(image, path)
     return image
 
 
@@ -157,9 +210,9 @@ def same_geometry(a: sitk.Image, b: sitk.Image, tol: float = 1e-4) -> bool:
     )
 
 
-def read_channels(paths: list[Path]) -> list[sitk.Image]:
-    """Read one volume per channel and check they share one geometry."""
-    images = [read_volume(p) for p in paths]
+def read_channels(paths: list[Path], notes: list[str] | None = None) -> list[sitk.Image]:
+    """Read one volume per channel and check they share one geometry; `notes` as in read_image."""
+    images = [read_volume(p, notes) for p in paths]
     for path, image in zip(paths, images):
         check_voxels(image, path)
     for path, image in zip(paths[1:], images[1:]):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -17,8 +16,8 @@ from safetensors.torch import save_file
 
 from DiffSegCore.errors import ModelError
 from DiffSegCore.io.atomic import atomic_folder
-from DiffSegCore.models.metadata import FORMAT_VERSION, MODEL_FILE, BundleSource, meta_of
-from DiffSegCore.models.safety import Member, folder_members, refuse_pickles
+from DiffSegCore.models.metadata import DEFAULT_FIX, FORMAT_VERSION, MODEL_FILE, BundleSource, meta_of
+from DiffSegCore.models.safety import refuse_pickles
 from DiffSegCore.networks.unet import UNet3D, build_network
 
 WEIGHT_FILES = {"network": "diffusion.safetensors", "preseg_network": "preseg.safetensors"}
@@ -44,27 +43,12 @@ class ModelBundle:
         return len(self.meta["classes"]) + 1
 
 
-def _members(source: BundleSource) -> list[Member]:
-    """Every file of the bundle, also in sub-folders and inside a zip, for the pickle check."""
-    if source.zip is None:
-        return folder_members(source.path)
-    return [
-        (n[len(source.prefix) :], partial(source.zip.open, n))
-        for n in source.zip.namelist()
-        if n.startswith(source.prefix) and not n.endswith("/")
-    ]
-
-
-def _refuse_pickles(source: BundleSource) -> None:
-    refuse_pickles(_members(source), str(source.path))
-
-
 def _read_weights(source: BundleSource, name: str) -> dict[str, torch.Tensor]:
     try:
         return load_safetensors_bytes(source.read(name))
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise ModelError(
-            f"weights {name} in {source.path} are corrupt or truncated ({exc}); re-download the model"
+            f"weights {name} in {source.shown} are corrupt or truncated ({exc}); {source.fix}"
         ) from None
 
 
@@ -106,10 +90,13 @@ def _networks(source: BundleSource, meta: dict, device: str | torch.device):
     return built
 
 
-def validate_bundle(path: str | Path) -> dict:
-    """Check a bundle completely (metadata, weights readable, shapes) and return its metadata."""
-    source = BundleSource(Path(path))
-    _refuse_pickles(source)
+def validate_bundle(path: str | Path, shown_as: str | None = None, fix: str = DEFAULT_FIX) -> dict:
+    """Check a bundle completely (metadata, weights readable, shapes) and return its metadata.
+
+    Messages name the bundle `shown_as` (default: its path) and end with `fix`.
+    """
+    source = BundleSource(Path(path), shown_as, fix)
+    refuse_pickles(source.members.values(), source.shown)
     meta = meta_of(source)
     _networks(source, meta, "cpu")
     return meta
@@ -118,7 +105,7 @@ def validate_bundle(path: str | Path) -> dict:
 def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> ModelBundle:
     """Load and check a bundle; networks are in eval mode on `device` (shapes: see ModelBundle)."""
     source = BundleSource(Path(path))
-    _refuse_pickles(source)
+    refuse_pickles(source.members.values(), source.shown)
     meta = meta_of(source)
     nets = _networks(source, meta, device)
     return ModelBundle(Path(path), meta, nets["network"], nets.get("preseg_network"))

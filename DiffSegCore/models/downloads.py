@@ -1,7 +1,8 @@
 """Verified downloads: streaming with progress, timeouts, retries, HTTP Range resume, sha256, atomic rename.
 
 requests does the HTTP; what it lacks (resume of a partial file, retry of a stream that broke
-halfway, checksum before the file enters the cache, one writer per file) is written here.
+halfway, checksum before the file enters the cache, one writer per file, the https rule at every
+redirect, a cap on what a server may send) is written here.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import re
 import time
 from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import urljoin, urlparse
 
 import requests
 from filelock import FileLock
@@ -30,6 +31,7 @@ LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 CHUNK_BYTES = 1 << 16
 DEFAULT_TIMEOUT = (10.0, 60.0)  # seconds to connect, seconds of silence while reading
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+MAX_REDIRECTS = 5
 HEADERS = {
     "User-Agent": f"DiffSeg/{__version__}",
     # Byte offsets for Range must count the stored bytes, so never let the server compress.
@@ -49,19 +51,36 @@ class _Retry(Exception):
     """A failure worth another attempt; carries the message to show if attempts run out."""
 
 
-def check_url(url: str) -> None:
+def check_url(url: str, redirected_from: str | None = None) -> None:
     """Refuse anything but https, except plain http to this machine (local test servers)."""
     parts = urlparse(url)
     if parts.scheme == "https" and parts.hostname:
         return
     if parts.scheme == "http" and parts.hostname in LOCAL_HOSTS:
         return
+    via = f" (redirected from {redirected_from})" if redirected_from else ""
     if parts.scheme == "http":
         raise DownloadError(
-            f"refusing plain-http download from {parts.hostname}: it cannot be trusted; "
+            f"refusing plain-http download from {parts.hostname}{via}: it cannot be trusted; "
             "ask the registry maintainer for an https:// URL"
         )
-    raise DownloadError(f"cannot download '{url}': only https:// URLs are supported")
+    raise DownloadError(f"cannot download '{url[:200]}'{via}: only https:// URLs are supported")
+
+
+def _get(url: str, headers: dict[str, str], timeout: tuple[float, float]) -> requests.Response:
+    """A streaming GET that follows redirects itself, so that every hop obeys check_url.
+
+    requests would follow a redirect from https to plain http (or to anything else) on its own.
+    """
+    first = url
+    for _ in range(MAX_REDIRECTS + 1):
+        check_url(url, None if url == first else first)
+        response = requests.get(url, headers=headers, stream=True, timeout=timeout, allow_redirects=False)
+        if not response.is_redirect:
+            return response
+        response.close()
+        url = urljoin(url, response.headers["Location"])
+    raise DownloadError(f"{first} redirects more than {MAX_REDIRECTS} times; tell the registry maintainer")
 
 
 def sha256_file(path: str | Path) -> str:
@@ -72,14 +91,18 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def fetch_bytes(url: str, timeout: tuple[float, float] = DEFAULT_TIMEOUT) -> bytes:
-    """A small file (e.g. a registry) in memory; same URL rules and error messages as downloads."""
-    check_url(url)
+def fetch_bytes(url: str, limit: int, timeout: tuple[float, float] = DEFAULT_TIMEOUT) -> bytes:
+    """A small file (e.g. a registry) in memory, at most `limit` bytes; same URL rules and errors as downloads."""
     host = urlparse(url).hostname
     try:
-        with requests.get(url, headers=HEADERS, timeout=timeout) as response:
+        with _get(url, HEADERS, timeout) as response:
             _check_status(response, url)
-            return response.content
+            body = bytearray()
+            for chunk in response.iter_content(CHUNK_BYTES):
+                body += chunk
+                if len(body) > limit:
+                    raise DownloadError(f"{url} sent more than {limit} bytes, too much for its kind of file; nothing was kept")
+            return bytes(body)
     except requests.RequestException as exc:
         raise DownloadError(_describe(exc, host, timeout)) from None
     except _Retry as exc:
@@ -166,7 +189,7 @@ def _fetch(url: str, part: Path, size: int | None, progress: ByteProgress, timeo
     if size is not None and have == size:
         return
     headers = dict(HEADERS, Range=f"bytes={have}-") if have else HEADERS
-    with requests.get(url, headers=headers, stream=True, timeout=timeout) as response:
+    with _get(url, headers, timeout) as response:
         if response.status_code == 416 and have:
             # The server says there is nothing past our end: either complete or not this file.
             total = _content_range(response.headers.get("Content-Range", ""))[2]
@@ -182,14 +205,28 @@ def _fetch(url: str, part: Path, size: int | None, progress: ByteProgress, timeo
             raise _Retry(f"the server answered another byte range than asked for {url}; starting over")
         length = response.headers.get("Content-Length")
         total = have + int(length) if length and length.isdigit() else size
+        if size is not None and total is not None and total > size:
+            _oversized(part, url, size)
         progress(have, total)
         with open(part, "ab" if have else "wb") as out:
             for chunk in response.iter_content(CHUNK_BYTES):
+                if size is not None and have + len(chunk) > size:
+                    out.close()
+                    _oversized(part, url, size)
                 out.write(chunk)
                 have += len(chunk)
                 progress(have, total)
     if total is not None and have < total:
         raise _Retry(f"the connection to {urlparse(url).hostname} closed after {have} of {total} bytes")
+
+
+def _oversized(part: Path, url: str, size: int) -> None:
+    """Stop a server sending more than the registry's size before it fills the disk."""
+    part.unlink(missing_ok=True)
+    raise ChecksumError(
+        f"{url} sends more than the {size} bytes the registry gives for it; the download was stopped and "
+        "nothing was kept, tell the registry maintainer"
+    )
 
 
 def _content_range(value: str) -> tuple[int | None, int | None, int | None]:

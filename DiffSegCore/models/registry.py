@@ -9,9 +9,7 @@ a sha256. Downloaded and imported bundles live in the cache under models_home():
     <home>/locks/                   one lock per id@version, so one process installs it
     <home>/registry/                last copy of each URL registry, used when offline
 
-torch is imported only when a bundle is validated, so listing models stays fast. Listing needs
-only the standard library (the Slicer panel lists the bundled models before DiffSeg's packages are
-installed): jsonschema, platformdirs, filelock and the download stack are imported where used.
+torch is imported only when a bundle is validated, so listing models stays fast.
 """
 
 from __future__ import annotations
@@ -24,7 +22,8 @@ import re
 import shutil
 import tempfile
 import warnings
-import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,19 +31,22 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from DiffSegCore.errors import ModelError
-from DiffSegCore.io.atomic import write_text
-from DiffSegCore.models.metadata import MODEL_FILE
-from DiffSegCore.models.safety import folder_members, refuse_pickles
+from DiffSegCore.io.atomic import owned_prefix, remove_orphans, write_text
+from DiffSegCore.models.intake import copy_members
+from DiffSegCore.models.metadata import MODEL_FILE, BundleSource, meta_of, read_meta, schema_error
+from DiffSegCore.models.safety import refuse_pickles
 from DiffSegCore.resources import resource_path
 
 if TYPE_CHECKING:
-    import jsonschema
-
     from DiffSegCore.models.downloads import ByteProgress
 
 HOME_ENV = "DIFFSEG_HOME"
 REGISTRY_ENV = "DIFFSEG_REGISTRY"
 INSTALL_FILE = "install.json"
+MAX_REGISTRY_BYTES = 8 << 20  # a registry lists models; a bigger answer is not one
+IMPORT_FIX = "fix or export the bundle again"
+DOWNLOAD_FIX = "the published file is broken, tell the registry maintainer"
+STAGING = ".staging-"
 _MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # as in the schemas
 _SEMVER = re.compile(r"(\d+)\.(\d+)\.(\d+)(?:-([0-9A-Za-z.-]+))?(?:\+[0-9A-Za-z.-]+)?")
 
@@ -129,6 +131,30 @@ def _version_dir(model_id: str, version: str) -> Path:
     return cache_dir() / model_id / version
 
 
+def _home_folder(name: str) -> Path:
+    """A sub-folder of the data folder, created if need be (call inside _writing_home)."""
+    folder = models_home() / name
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@contextmanager
+def _writing_home() -> Iterator[None]:
+    """An OSError on a path inside the DiffSeg data folder (read-only, a file, full) becomes one line that
+    says how to fix it; other OSErrors pass through."""
+    try:
+        yield
+    except OSError as exc:
+        home = models_home()
+        where = Path(os.path.abspath(exc.filename)) if isinstance(exc.filename, (str, os.PathLike)) else None
+        if where is None or not where.is_relative_to(os.path.abspath(home)):
+            raise
+        raise ModelError(
+            f"cannot write in the DiffSeg data folder {home} ({exc.strerror or exc}); make it a writable folder "
+            f"or set {HOME_ENV} to one"
+        ) from None
+
+
 # ---------------------------------------------------------------------------------------------
 # the registry file
 
@@ -144,65 +170,71 @@ def _is_url(ref: str) -> bool:
     return urlparse(ref).scheme in ("http", "https")
 
 
-def _load_schema(name: str) -> dict:
-    return json.loads(resource_path(name).read_text())
-
-
-def _schema_error(error: jsonschema.ValidationError) -> str:
-    where = "/".join(str(p) for p in error.absolute_path) or "top level"
-    return f"{error.message} (at {where})"
+def _parse_registry(data: bytes, location: str) -> _Registry:
+    """A registry's bytes, checked (UTF-8, JSON, schema, no id or version twice); raises ModelError."""
+    try:
+        parsed = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ModelError(f"the model registry {location} is not UTF-8 text; tell its maintainer") from None
+    except (json.JSONDecodeError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise ModelError(f"the model registry {location} is not valid JSON ({reason})") from None
+    if importlib.util.find_spec("jsonschema") is not None:
+        error = schema_error("models.schema.json", parsed)
+        if error is not None:
+            raise ModelError(f"the model registry {location} is invalid: {error}")
+    elif location != str(resource_path("models.json")):
+        # The shipped registry is checked against its schema by the tests; another one must be checked here.
+        raise ModelError(f"checking the model registry {location} needs the jsonschema package; install it first")
+    models: dict[str, dict] = {}
+    for entry in parsed["models"]:
+        versions = [v["version"] for v in entry["versions"]]
+        if entry["id"] in models or len(set(versions)) != len(versions):
+            raise ModelError(f"the model registry {location} lists model {entry['id']} or one of its versions twice")
+        models[entry["id"]] = entry
+    base_dir = None if _is_url(location) else Path(location).expanduser().resolve().parent
+    return _Registry(location, base_dir, models)
 
 
 def _load_registry() -> _Registry:
     location = os.environ.get(REGISTRY_ENV) or str(resource_path("models.json"))
     if _is_url(location):
-        text, base_dir = _fetch_registry(location), None
-    else:
-        path = Path(location).expanduser()
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise ModelError(f"cannot read the model registry {path} ({exc.strerror}); check {REGISTRY_ENV}") from None
-        base_dir = path.resolve().parent
+        return _fetch_registry(location)
+    path = Path(location).expanduser()
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ModelError(f"the model registry {location} is not valid JSON ({exc})") from None
-    if importlib.util.find_spec("jsonschema") is not None:
-        import jsonschema
-
-        error = jsonschema.exceptions.best_match(
-            jsonschema.Draft202012Validator(_load_schema("models.schema.json")).iter_errors(data)
-        )
-        if error is not None:
-            raise ModelError(f"the model registry {location} is invalid: {_schema_error(error)}")
-    elif location != str(resource_path("models.json")):
-        # The shipped registry is checked against its schema by the tests; another one must be checked here.
-        raise ModelError(f"checking the model registry {location} needs the jsonschema package; install it first")
-    models: dict[str, dict] = {}
-    for entry in data["models"]:
-        versions = [v["version"] for v in entry["versions"]]
-        if entry["id"] in models or len(set(versions)) != len(versions):
-            raise ModelError(f"the model registry {location} lists model {entry['id']} or one of its versions twice")
-        models[entry["id"]] = entry
-    return _Registry(location, base_dir, models)
+        with open(path, "rb") as stream:
+            data = stream.read(MAX_REGISTRY_BYTES + 1)
+    except OSError as exc:
+        raise ModelError(f"cannot read the model registry {path} ({exc.strerror}); check {REGISTRY_ENV}") from None
+    if len(data) > MAX_REGISTRY_BYTES:
+        raise ModelError(f"the model registry {path} is larger than {MAX_REGISTRY_BYTES >> 20} MiB; check {REGISTRY_ENV}")
+    return _parse_registry(data, location)
 
 
-def _fetch_registry(url: str) -> str:
-    """The registry at `url`; its last good copy when the network fails, so cached models still resolve."""
+def _fetch_registry(url: str) -> _Registry:
+    """The registry at `url`, checked before it replaces the last good copy; that copy is used when the
+    network fails or the answer is not a valid registry, so cached models still resolve."""
     from DiffSegCore.models.downloads import fetch_bytes
 
     copy = models_home() / "registry" / (hashlib.sha256(url.encode()).hexdigest()[:16] + ".json")
     try:
-        text = fetch_bytes(url).decode("utf-8")
+        data = fetch_bytes(url, limit=MAX_REGISTRY_BYTES)
+        registry = _parse_registry(data, url)
     except ModelError as exc:
-        if not copy.exists():
+        if not copy.is_file():
             raise ModelError(f"cannot load the model registry: {exc}") from None
         warnings.warn(f"using the saved copy of the model registry {url}: {exc}", stacklevel=3)
-        return copy.read_text()
-    copy.parent.mkdir(parents=True, exist_ok=True)
-    write_text(copy, text)
-    return text
+        return _parse_registry(copy.read_bytes(), url)
+    try:
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        write_text(copy, data.decode("utf-8"))
+    except OSError as exc:  # listing works without the copy; only offline use needs it
+        warnings.warn(
+            f"cannot save a copy of the model registry in {models_home()} ({exc.strerror or exc}), so it will not "
+            f"be available offline; make that folder writable or set {HOME_ENV}",
+            stacklevel=3,
+        )
+    return registry
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,8 +434,7 @@ def _download(model_id: str, spec: dict, progress: ByteProgress | None) -> Path:
     version = spec["version"]
     home = models_home()
     target = _version_dir(model_id, version)
-    (home / "locks").mkdir(parents=True, exist_ok=True)
-    with FileLock(home / "locks" / f"{model_id}@{version}.lock"):
+    with _writing_home(), FileLock(_home_folder("locks") / f"{model_id}@{version}.lock"):
         if (target / MODEL_FILE).is_file():
             return target  # another process installed it while we waited
         archive = download_file(
@@ -415,7 +446,7 @@ def _download(model_id: str, spec: dict, progress: ByteProgress | None) -> Path:
         )
         record = {"source": "download", "url": spec["url"], "sha256": spec["sha256"].lower()}
         try:
-            _install(archive, record, expect=(model_id, version))
+            _install(archive, spec["url"], record, DOWNLOAD_FIX, expect=(model_id, version))
         finally:
             archive.unlink()  # unpacked, or unusable: fetching the same bytes again would not help
     return target
@@ -425,74 +456,52 @@ def _download(model_id: str, spec: dict, progress: ByteProgress | None) -> Path:
 # installing (download or import), removing
 
 
-def _unpack(source: Path, staging: Path) -> Path:
-    """Copy a bundle folder or extract a .zip into `staging`; return the folder holding model.json."""
-    if source.is_dir():
-        shutil.copytree(source, staging, dirs_exist_ok=True)
-    else:
-        try:
-            with zipfile.ZipFile(source) as archive:
-                archive.extractall(staging)  # extractall drops absolute paths and '..' from member names
-        except zipfile.BadZipFile:
-            raise ModelError(f"{source} is neither a bundle folder nor a valid .zip") from None
-    if (staging / MODEL_FILE).is_file():
-        return staging
-    children = [p for p in staging.iterdir() if not p.name.startswith(("__MACOSX", "."))]
-    # A zip of the bundle folder itself holds one top-level folder.
-    if len(children) == 1 and (children[0] / MODEL_FILE).is_file():
-        return children[0]
-    raise ModelError(f"{source} holds no {MODEL_FILE}; a bundle is a folder or .zip with model.json and *.safetensors")
+def _install(
+    source: Path, shown: str, record: dict, fix: str, expect: tuple[str, str] | None = None, replace: bool = False
+) -> dict:
+    """Check a bundle, copy it into a staging folder inside the cache, check the copy, then rename it into place.
 
-
-def _check_meta(meta: dict, shown_as: str) -> None:
-    import jsonschema
-
-    error = jsonschema.exceptions.best_match(
-        jsonschema.Draft202012Validator(_load_schema("model.schema.json")).iter_errors(meta)
-    )
-    if error is not None:
-        raise ModelError(f"{MODEL_FILE} in {shown_as} is invalid: {_schema_error(error)}")
-    values = [c["value"] for c in meta["classes"]]
-    if len(set(values)) != len(values):
-        raise ModelError(f"{MODEL_FILE} in {shown_as} lists a class value twice")
-
-
-def _install(source: Path, record: dict, expect: tuple[str, str] | None = None, replace: bool = False) -> dict:
-    """Validate a bundle in a staging folder inside the cache, then rename it into place.
-
-    Nothing enters <home>/models/<id>/<version> unless it passed every check.
+    intake's bounds, the pickle rule and model.json are checked on the source before a byte is
+    copied; the weights on the copy, which is what gets published. Nothing enters
+    <home>/models/<id>/<version> unless it passed every check. Messages name the bundle `shown` (the path
+    or URL the user knows, never the staging copy) and end with `fix`.
     """
     from DiffSegCore.models.bundle import validate_bundle  # torch is needed only here
 
-    cache = cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=cache))
-    try:
-        root = _unpack(source, staging / "bundle")
-        refuse_pickles(folder_members(root), str(source))  # named as the user gave it; validate_bundle checks again
-        meta = validate_bundle(root)
-        _check_meta(meta, str(source))
-        found = (meta["id"], meta["version"])
-        if expect is not None and found != expect:
-            raise ModelError(
-                f"{source} holds model {found[0]}@{found[1]} but the registry entry is {expect[0]}@{expect[1]}; "
-                "tell the registry maintainer"
-            )
-        record = {**record, "installed": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        (root / INSTALL_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        target = _version_dir(*found)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists():
-            if not replace:
-                raise ModelError(
-                    f"model {found[0]}@{found[1]} is already in the cache; remove it first "
-                    f"(`diffseg models remove {found[0]}@{found[1]}`) or import with --replace"
-                )
-            os.replace(target, staging / "old")
-        os.replace(root, target)
-        return meta
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    bundle = BundleSource(source, shown, fix, file_links=False)  # the cache takes in no file from outside
+    members = list(bundle.members.values())
+    refuse_pickles(members, shown)
+    meta = meta_of(bundle)
+    found = (meta["id"], meta["version"])
+    if expect is not None and found != expect:
+        raise ModelError(
+            f"{shown} holds model {found[0]}@{found[1]} but the registry entry is {expect[0]}@{expect[1]}; "
+            "tell the registry maintainer"
+        )
+    with _writing_home():
+        cache = cache_dir()
+        cache.mkdir(parents=True, exist_ok=True)
+        remove_orphans(cache, STAGING)
+        staging = Path(tempfile.mkdtemp(prefix=owned_prefix(STAGING), dir=cache))
+        try:
+            root = staging / "bundle"
+            copy_members(members, root, shown)
+            validate_bundle(root, shown, fix)
+            record = {**record, "installed": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            (root / INSTALL_FILE).write_text(json.dumps(record, indent=2) + "\n")
+            target = _version_dir(*found)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.exists():
+                if not replace:
+                    raise ModelError(
+                        f"model {found[0]}@{found[1]} is already in the cache; remove it first "
+                        f"(`diffseg models remove {found[0]}@{found[1]}`) or import with --replace"
+                    )
+                os.replace(target, staging / "old")
+            os.replace(root, target)
+            return meta
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def import_model(path: str | Path, replace: bool = False) -> str:
@@ -505,15 +514,13 @@ def import_model(path: str | Path, replace: bool = False) -> str:
     if not source.exists():
         raise ModelError(f"{source} does not exist; pass a bundle folder or .zip")
     registry = _load_registry()
-    from DiffSegCore.models.metadata import read_meta
-
-    meta = read_meta(source)
+    meta = read_meta(source, str(source), IMPORT_FIX)
     entry = registry.models.get(meta["id"])
     if entry and any(v["version"] == meta["version"] for v in entry["versions"]):
         raise ModelError(
             f"{meta['id']}@{meta['version']} is a registry model; give your model another id or version in its {MODEL_FILE}"
         )
-    meta = _install(source, {"source": "imported", "from": str(source.resolve())}, replace=replace)
+    meta = _install(source, str(source), {"source": "imported", "from": str(source.resolve())}, IMPORT_FIX, replace=replace)
     return meta["id"]
 
 
@@ -527,13 +534,14 @@ def remove_model(ref: str) -> list[str]:
         hint = " (bundled models ship with DiffSeg and cannot be removed)" if bundled else ""
         raise ModelError(f"{ref} is not in the model cache {cache_dir()}{hint}")
     removed = []
-    for name in chosen:
-        folder = _version_dir(model_id, name)
-        # Rename first so a half-deleted folder never looks like an installed model.
-        trash = folder.with_name(f".removing-{name}-{os.getpid()}")
-        os.replace(folder, trash)
-        shutil.rmtree(trash, ignore_errors=True)
-        removed.append(f"{model_id}@{name}")
-    if not any((cache_dir() / model_id).iterdir()):
-        (cache_dir() / model_id).rmdir()
+    with _writing_home():
+        for name in chosen:
+            folder = _version_dir(model_id, name)
+            # Rename first so a half-deleted folder never looks like an installed model.
+            trash = folder.with_name(f".removing-{name}-{os.getpid()}")
+            os.replace(folder, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+            removed.append(f"{model_id}@{name}")
+        if not any((cache_dir() / model_id).iterdir()):
+            (cache_dir() / model_id).rmdir()
     return removed

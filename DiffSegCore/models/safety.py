@@ -11,23 +11,14 @@ from __future__ import annotations
 
 import zipfile
 from collections.abc import Callable, Iterable
-from functools import partial
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import IO
 
 from DiffSegCore.errors import ModelError
+from DiffSegCore.models.intake import Member
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
 PARSED_SUFFIXES = (".safetensors", ".json")
-
-Member = tuple[str, Callable[[], IO[bytes]]]
-"""A file of a bundle: its name inside the bundle and a function opening it for binary reading."""
-
-
-def folder_members(root: Path) -> list[Member]:
-    """Every file below `root`, named by its path relative to it."""
-    return [(p.relative_to(root).as_posix(), partial(p.open, "rb")) for p in sorted(root.rglob("*")) if p.is_file()]
-
 
 def _pickled_stream(stream: IO[bytes]) -> bool:
     """True for a pickle stream (protocol 2-5) and for torch's zip checkpoint (a zip holding a .pkl)."""
@@ -56,9 +47,10 @@ def is_pickled(name: str, open_file: Callable[[], IO[bytes]]) -> bool:
 
 
 def refuse_pickles(members: Iterable[Member], where: str) -> None:
-    """Raise ModelError for the first pickled member of the bundle shown to the user as `where`."""
-    for name, open_file in members:
-        if is_pickled(name, open_file):
+    """Raise ModelError for the first pickled member (intake's checked listing) of the bundle shown as `where`."""
+    for member in members:
+        name = member.name
+        if is_pickled(name, member.open):
             raise ModelError(
                 f"{name} in {where} holds pickled weights, which DiffSeg never loads (unpickling can run code); "
                 'convert them: python -c "import torch, safetensors.torch as st; '

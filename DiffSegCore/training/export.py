@@ -82,6 +82,7 @@ def export_bundle(
         "diffusion": config.diffusion_config(),
         "training": {
             **card.get("training", {}),
+            **data.get("envelope", {}),
             "data": card.get("training", {}).get("data", data["source"]),
             "split": data.get("split"),
             "iterations": config.iterations,

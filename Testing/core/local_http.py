@@ -16,6 +16,8 @@ class FileServer:
     drop_after[path] = n   the next response for path sends n body bytes, then closes (once)
     stall = s              every response waits s seconds before its headers
     chunk_delay = s        pause between 4 KiB body chunks (keeps concurrent downloads overlapping)
+    redirects[path] = url  answer path with a 302 to url
+    hide_length            send no Content-Length (the body ends when the connection closes)
     """
 
     def __init__(self) -> None:
@@ -23,6 +25,8 @@ class FileServer:
         self.drop_after: dict[str, int] = {}
         self.stall = 0.0
         self.chunk_delay = 0.0
+        self.redirects: dict[str, str] = {}
+        self.hide_length = False
         self.requests: list[tuple[str, dict[str, str]]] = []
         self._release = threading.Event()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -56,6 +60,12 @@ class FileServer:
                 owner.requests.append((self.path, dict(self.headers)))
                 if owner.stall:
                     owner._release.wait(owner.stall)
+                if self.path in owner.redirects:
+                    self.send_response(302)
+                    self.send_header("Location", owner.redirects[self.path])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 data = owner.files.get(self.path)
                 if data is None:
                     self.send_error(404)
@@ -74,7 +84,10 @@ class FileServer:
                     self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
                 else:
                     self.send_response(200)
-                self.send_header("Content-Length", str(len(data) - start))
+                if owner.hide_length:
+                    self.close_connection = True
+                else:
+                    self.send_header("Content-Length", str(len(data) - start))
                 self.send_header("Accept-Ranges", "bytes")
                 self.end_headers()
                 body = data[start:]
@@ -82,10 +95,13 @@ class FileServer:
                 if drop is not None:
                     body = body[:drop]
                     self.close_connection = True
-                for i in range(0, len(body), 4096):
-                    self.wfile.write(body[i : i + 4096])
-                    if owner.chunk_delay:
-                        time.sleep(owner.chunk_delay)
-                self.wfile.flush()
+                try:
+                    for i in range(0, len(body), 4096):
+                        self.wfile.write(body[i : i + 4096])
+                        if owner.chunk_delay:
+                            time.sleep(owner.chunk_delay)
+                    self.wfile.flush()
+                except (BrokenPipeError, ConnectionResetError):
+                    self.close_connection = True  # the client stopped reading (a refused or killed download)
 
         return Handler

@@ -153,6 +153,41 @@ def test_concurrent_downloads_leave_one_good_copy(server, tmp_path):
 
 def test_fetch_bytes_reads_small_files(server):
     server.files["/models.json"] = b'{"models": []}'
-    assert fetch_bytes(server.url("/models.json")) == b'{"models": []}'
+    assert fetch_bytes(server.url("/models.json"), limit=100) == b'{"models": []}'
     with pytest.raises(DownloadError, match="HTTP 404"):
-        fetch_bytes(server.url("/nothing.json"))
+        fetch_bytes(server.url("/nothing.json"), limit=100)
+
+
+@pytest.mark.parametrize("hide_length", [False, True], ids=["content-length", "no-length"])
+def test_a_server_sending_more_than_the_registry_size_is_stopped(server, tmp_path, hide_length):
+    # A hostile or broken server sends 8 MiB for a 300 kB entry: refused on its Content-Length, or
+    # cut off at the registry's size while streaming; nothing stays on disk either way.
+    server.files["/big.zip"] = os.urandom(8 << 20)
+    server.hide_length = hide_length
+    with pytest.raises(ChecksumError, match="sends more than the 300000 bytes the registry gives") as caught:
+        download_file(server.url("/big.zip"), tmp_path / "m.zip", SHA, len(PAYLOAD), **FAST)
+    assert "\n" not in str(caught.value)
+    assert leftovers(tmp_path) == []
+
+
+def test_redirects_are_followed_only_to_https_or_this_machine(server, tmp_path):
+    server.redirects["/hop"] = server.url("/model.zip")
+    assert download_file(server.url("/hop"), tmp_path / "m.zip", SHA, len(PAYLOAD), **FAST).read_bytes() == PAYLOAD
+    # A downgrade to plain http elsewhere, or to another scheme, is refused before any connection is made.
+    server.redirects["/down"] = "http://example.org/model.zip"
+    with pytest.raises(DownloadError, match=r"refusing plain-http download from example\.org \(redirected from"):
+        download_file(server.url("/down"), tmp_path / "d.zip", SHA, len(PAYLOAD), **FAST)
+    server.redirects["/ftp"] = "ftp://example.org/model.zip"
+    with pytest.raises(DownloadError, match="only https:// URLs are supported"):
+        fetch_bytes(server.url("/ftp"), limit=100)
+    server.redirects["/loop"] = "/loop"
+    with pytest.raises(DownloadError, match="redirects more than 5 times"):
+        fetch_bytes(server.url("/loop"), limit=100)
+    assert len(server.gets("/loop")) == 6
+    assert sorted(leftovers(tmp_path)) == ["m.zip"]
+
+
+def test_fetch_bytes_stops_at_its_limit(server):
+    server.files["/huge.json"] = b"[" * 5000
+    with pytest.raises(DownloadError, match="sent more than 1000 bytes"):
+        fetch_bytes(server.url("/huge.json"), limit=1000)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -16,11 +17,13 @@ import pytest
 
 from DiffSegCore.cli import main as cli
 from DiffSegCore.errors import ModelError
+from DiffSegCore.io.atomic import HOST, owned_prefix
 from DiffSegCore.models import registry
 from DiffSegCore.models.bundle import load_bundle
 from DiffSegCore.models.downloads import ChecksumError
 from DiffSegCore.resources import resource_path
 from Testing.conftest import make_tiny_bundle
+from Testing.core.conftest import tmpfs
 from Testing.core.local_http import FileServer
 
 
@@ -351,3 +354,268 @@ def test_diffseg_models_list_as_a_command(lab):
     )
     assert done.returncode == 0, done.stderr
     assert [m["id"] for m in json.loads(done.stdout)] == ["tiny", "lab-model"]
+
+
+# --- models from outside: the intake gate (docs/reliability.md, "Models and registries from outside") ---------------
+
+
+@dataclass
+class Cli:
+    code: int
+    err: str
+
+
+def models_cli(capsys, *argv) -> Cli:
+    """`diffseg models ...` through the real entry point; the exit code and stderr."""
+    capsys.readouterr()
+    code = run_cli(*map(str, argv))
+    return Cli(code, capsys.readouterr().err)
+
+
+def refused(result: Cli, *words: str) -> str:
+    """Exit 2 and one `error:` line holding every word."""
+    lines = [line for line in result.err.splitlines() if line.strip()]
+    assert result.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), result
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]
+
+
+def bundle_zip(out: Path, files: dict[str, bytes], links: dict[str, str] = {}) -> Path:  # noqa: B006 (read only)
+    """A zip holding `files` (member name -> bytes, deflated) and symbolic-link members."""
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+        for name, target in links.items():
+            info = zipfile.ZipInfo(name)
+            info.external_attr = (0o120777 << 16)
+            archive.writestr(info, target)
+    return out
+
+
+def bundle_files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_links_in_an_imported_folder_are_refused_and_never_followed(lab, tmp_path, capsys):
+    folder = make_tiny_bundle(tmp_path / "linked", id="linked", version="1.0.0")
+    outside = tmp_path / "private"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("not for the cache")
+    (folder / "loop").symlink_to(".")  # copying this followed it forever
+    (folder / "elsewhere").symlink_to(outside)
+    message = refused(models_cli(capsys, "import", folder), "is a symbolic link", str(folder))
+    assert "elsewhere" in message or "loop" in message
+    assert cache_files(lab) == []
+    (folder / "loop").unlink()
+    (folder / "elsewhere").unlink()
+    (folder / "notes.txt").symlink_to(outside / "secret.txt")  # a link to a file, too
+    refused(models_cli(capsys, "import", folder), "notes.txt", "symbolic link")
+    zipped = bundle_zip(tmp_path / "linked.zip", bundle_files(make_tiny_bundle(tmp_path / "z", id="z")),
+                        links={"escape": "/etc"})  # fmt: skip
+    refused(models_cli(capsys, "import", zipped), "escape", "symbolic link")
+    assert cache_files(lab) == []
+
+
+@pytest.mark.parametrize("name", ["../evil.txt", "/tmp/evil.txt", "sub/../../evil.txt", "C:/evil.txt", "..\\evil.txt"])
+def test_members_named_outside_the_bundle_are_refused_not_skipped(lab, tmp_path, capsys, name):
+    files = bundle_files(make_tiny_bundle(tmp_path / "b", id="escaper"))
+    zipped = bundle_zip(tmp_path / "escaper.zip", {**files, name: b"payload"})
+    refused(models_cli(capsys, "import", zipped), "points outside the bundle", "refused")
+    assert cache_files(lab) == []
+    assert not (tmp_path.parent / "evil.txt").exists() and not (lab.home / "evil.txt").exists()
+
+
+def test_zip_bombs_are_refused_before_anything_is_unpacked(lab, tmp_path, capsys):
+    files = bundle_files(make_tiny_bundle(tmp_path / "b", id="bomb"))
+    # 64 MiB of zeros deflate to about 64 kB: a ratio no weights reach.
+    bomb = bundle_zip(tmp_path / "bomb.zip", {**files, "diffusion.safetensors": bytes(64 << 20)})
+    assert bomb.stat().st_size < 1 << 20
+    refused(models_cli(capsys, "import", bomb), "diffusion.safetensors", "more than 100 times", "refused")
+    # A model.json bigger than 1 MiB is never read into memory, however it compresses.
+    meta = json.loads(files["model.json"])
+    meta["description"] = os.urandom(800_000).hex()
+    fat = bundle_zip(tmp_path / "fat.zip", {**files, "model.json": json.dumps(meta).encode()})
+    refused(models_cli(capsys, "import", fat), "model.json", "more than the 1048576")
+    assert cache_files(lab) == []
+
+
+def test_member_count_and_total_size_are_bounded(lab, tmp_path, capsys, monkeypatch):
+    from DiffSegCore.models import intake
+
+    files = bundle_files(make_tiny_bundle(tmp_path / "b", id="many"))
+    crowded = bundle_zip(tmp_path / "many.zip", {**files, **{f"notes/{i}.txt": b"x" for i in range(70)}})
+    refused(models_cli(capsys, "import", crowded), "more than 64 files")
+    folder = make_tiny_bundle(tmp_path / "wide", id="wide")
+    for i in range(70):
+        (folder / f"{i}.txt").write_text("x")
+    refused(models_cli(capsys, "import", folder), "more than 64 files")
+    monkeypatch.setattr(intake, "MAX_TOTAL_BYTES", 100_000)  # the real limit is 8 GiB
+    refused(models_cli(capsys, "import", tmp_path / "b"), "unpacks to", "refused")
+    assert cache_files(lab) == []
+
+
+def test_a_bundle_zipped_on_macos_is_imported_without_its_debris(lab, tmp_path, capsys):
+    files = bundle_files(make_tiny_bundle(tmp_path / "mac", id="mac-model", version="1.0.0"))
+    zipped = bundle_zip(
+        tmp_path / "mac.zip",
+        {
+            **{f"mac-model/{name}": data for name, data in files.items()},
+            "mac-model/.DS_Store": b"\0\0\0\1Bud1",
+            "__MACOSX/mac-model/._model.json": b"\0\5\26\7",
+            "__MACOSX/._mac-model": b"\0\5\26\7",
+        },
+    )
+    assert models_cli(capsys, "import", zipped).code == 0
+    installed = lab.home / "models" / "mac-model" / "1.0.0"
+    assert sorted(p.name for p in installed.iterdir()) == sorted([*files, "install.json"])
+    assert registry.resolve_model("mac-model") == installed
+
+
+def test_classes_that_do_not_match_the_network_are_refused_at_import_and_at_segment(lab, tmp_path, capsys):
+    folder = make_tiny_bundle(tmp_path / "three", id="three", version="1.0.0")
+    meta = json.loads((folder / "model.json").read_text())
+    meta["network"]["num_classes"] = meta["preseg_network"]["num_classes"] = 3  # as exported bundles say it
+    meta["classes"].append({"value": 3, "name": "Third"})  # the networks still have 3 outputs (2 classes + background)
+    (folder / "model.json").write_text(json.dumps(meta))
+    refused(models_cli(capsys, "import", folder), "lists 3 classes", "num_classes 3", "can never run")
+    assert cache_files(lab) == []
+    capsys.readouterr()
+    code = cli.main(["segment", str(folder), "--model", str(folder), "--output-dir", str(tmp_path / "out"), "--progress", "none"])
+    refused(Cli(code, capsys.readouterr().err), "lists 3 classes", "can never run")
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def test_segment_with_a_bundle_folder_checks_its_model_json(lab, tmp_path, capsys):
+    folder = make_tiny_bundle(tmp_path / "flat", id="flat", spacing=[1.0, 0, 1.0])
+    capsys.readouterr()
+    code = cli.main(["segment", str(folder), "--model", str(folder), "--output-dir", str(tmp_path / "out"), "--progress", "none"])
+    refused(Cli(code, capsys.readouterr().err), "model.json", "is invalid", "(at spacing/1)")
+
+
+def test_import_errors_name_the_users_bundle_not_the_staging_copy(lab, tmp_path, capsys):
+    folder = make_tiny_bundle(tmp_path / "cut", id="cut", version="1.0.0")
+    weights = folder / "diffusion.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    message = refused(models_cli(capsys, "import", folder), str(folder), "corrupt or truncated", "export the bundle again")
+    assert ".staging-" not in message and "re-download" not in message
+    assert cache_files(lab) == []
+
+
+def test_an_interrupted_import_says_nothing_was_added(lab, tmp_path, capsys, monkeypatch):
+    from DiffSegCore.models import intake
+
+    folder = make_tiny_bundle(tmp_path / "slow", id="slow", version="1.0.0")
+    real_copy = intake.copy_members
+
+    def copy_then_ctrl_c(members, dest, shown_as):
+        real_copy(members[:1], dest, shown_as)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(registry, "copy_members", copy_then_ctrl_c)
+    result = models_cli(capsys, "import", folder)
+    assert result.code == 130
+    assert result.err.strip() == "error: interrupted; nothing was added to the model cache"
+    assert cache_files(lab) == [] and [p.name for p in (lab.home / "models").iterdir()] == []
+
+
+def test_url_registry_is_checked_before_it_replaces_the_saved_copy(lab, capsys):
+    good = lab.registry_file.read_bytes()
+    lab.server.files["/zoo/models.json"] = good
+    url = lab.server.url("/zoo/models.json")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("DIFFSEG_REGISTRY", url)
+        assert [m.id for m in registry.list_models()] == ["tiny", "lab-model"]
+        (saved,) = (lab.home / "registry").iterdir()
+        for bad, why in (
+            (b"<html>captive portal</html>", "is not valid JSON"),
+            ("{}".encode("utf-16"), "is not UTF-8 text"),
+            (b'{"format_version": 1, "models": [{"id": "x"}]}', "is invalid"),
+        ):
+            lab.server.files["/zoo/models.json"] = bad
+            with pytest.warns(UserWarning, match=f"using the saved copy of the model registry .*{why}"):
+                assert [m.id for m in registry.list_models()] == ["tiny", "lab-model"]
+            assert saved.read_bytes() == good
+        saved.unlink()
+        lab.server.files["/zoo/models.json"] = b"\xff\xfe\x00garbage"
+        refused(models_cli(capsys, "list"), "cannot load the model registry", "is not UTF-8 text", "maintainer")
+        # A registry redirected to plain http is refused like a download.
+        lab.server.redirects["/zoo/models.json"] = "http://example.org/models.json"
+        refused(models_cli(capsys, "list"), "refusing plain-http", "redirected from")
+
+
+def test_a_data_folder_that_cannot_be_written_is_one_line_that_says_what_to_do(lab, tmp_path, capsys, monkeypatch):
+    home_file = tmp_path / "home-is-a-file"
+    home_file.write_text("")
+    monkeypatch.setenv("DIFFSEG_HOME", str(home_file))
+    folder = make_tiny_bundle(tmp_path / "mine", id="mine", version="1.0.0")
+    words = ("cannot write in the DiffSeg data folder", str(home_file), "DIFFSEG_HOME")
+    refused(models_cli(capsys, "import", folder), *words)
+    refused(models_cli(capsys, "download", "lab-model"), *words)
+    capsys.readouterr()
+    code = cli.main(["segment", str(folder), "--model", "lab-model", "--output-dir", str(tmp_path / "out"), "--progress", "none"])
+    refused(Cli(code, capsys.readouterr().err), *words)
+    # Listing a URL registry still works; only its offline copy cannot be saved, and it says so.
+    lab.server.files["/zoo/models.json"] = lab.registry_file.read_bytes()
+    monkeypatch.setenv("DIFFSEG_REGISTRY", lab.server.url("/zoo/models.json"))
+    listed = models_cli(capsys, "list")
+    assert listed.code == 0
+    assert listed.err.startswith("warning: cannot save a copy of the model registry") and "set DIFFSEG_HOME" in listed.err
+    assert len(listed.err.strip().splitlines()) == 1, listed.err
+    assert home_file.read_text() == ""
+
+
+def test_a_read_only_data_folder_is_one_line_that_says_what_to_do(lab, tmp_path, capsys, monkeypatch):
+    home = tmp_path / "ro-home"
+    with tmpfs(home, "1m", read_only=True) as mounted:
+        if not mounted:
+            home.chmod(0o555)
+            if os.access(home, os.W_OK):
+                pytest.skip("cannot make a read-only folder here (root without mount rights)")
+        monkeypatch.setenv("DIFFSEG_HOME", str(home))
+        folder = make_tiny_bundle(tmp_path / "mine", id="mine", version="1.0.0")
+        refused(models_cli(capsys, "import", folder), "cannot write in the DiffSeg data folder", "writable")
+        refused(models_cli(capsys, "download", "lab-model"), "cannot write in the DiffSeg data folder")
+
+
+def test_a_zip_member_whose_data_does_not_match_its_header_is_refused(lab, tmp_path, capsys):
+    files = bundle_files(make_tiny_bundle(tmp_path / "b", id="flipped", version="1.0.0"))
+    zipped = tmp_path / "flipped.zip"
+    with zipfile.ZipFile(zipped, "w", zipfile.ZIP_STORED) as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+        offset = archive.getinfo("diffusion.safetensors").header_offset
+    raw = bytearray(zipped.read_bytes())
+    raw[offset + 30 + len("diffusion.safetensors") + 5000] ^= 0xFF  # one byte of the stored weights
+    zipped.write_bytes(bytes(raw))
+    refused(models_cli(capsys, "import", zipped), "diffusion.safetensors", "corrupt or truncated", "CRC")
+    assert cache_files(lab) == []
+
+
+def test_a_bundle_used_in_place_may_link_its_weights_but_an_import_may_not(lab, tmp_path, capsys, small_case):
+    # git-annex and DVC keep a folder's files elsewhere and link to them: fine where the bundle lies,
+    # refused when it would be copied into the cache.
+    folder = make_tiny_bundle(tmp_path / "annexed", id="annexed", version="1.0.0")
+    store = tmp_path / "store"
+    store.mkdir()
+    (folder / "diffusion.safetensors").rename(store / "weights")
+    (folder / "diffusion.safetensors").symlink_to(store / "weights")
+    capsys.readouterr()
+    code = cli.main(["segment", str(small_case), "--model", str(folder), "--output-dir", str(tmp_path / "out"),
+                     "--steps", "1", "--ensemble", "2", "--progress", "none"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    refused(models_cli(capsys, "import", folder), "diffusion.safetensors", "is a symbolic link")
+    assert cache_files(lab) == []
+
+
+def test_staging_left_by_a_killed_install_is_removed_by_the_next_one(lab, tmp_path):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    cache = lab.home / "models"
+    dead = cache / f"{registry.STAGING}{HOST}-{gone.pid}-abc"
+    live = cache / f"{owned_prefix(registry.STAGING)}abc"
+    for folder in (dead, live):
+        (folder / "bundle").mkdir(parents=True)
+        (folder / "bundle" / "diffusion.safetensors").write_bytes(b"half")
+    registry.import_model(make_tiny_bundle(tmp_path / "next", id="next", version="1.0.0"))
+    assert not dead.exists() and live.exists()  # a live process's staging is its own

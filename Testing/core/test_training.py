@@ -11,7 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 from DiffSegCore.errors import InputError
+from DiffSegCore.io.sanity import training_envelope
+from DiffSegCore.io.volumes import read_channels
 from DiffSegCore.models.bundle import load_bundle, validate_bundle
+from DiffSegCore.training.datasets import find_cases
 from Testing.core.training_helpers import CARD, FAST, copy_cases, run_training_command
 
 
@@ -45,6 +48,10 @@ def test_run_folder_holds_split_checkpoint_curve_and_bundle(trained):
     assert meta["training"]["iterations"] == 3 and meta["training"]["split"]["validation"] == split["validation"]
     assert [c["name"] for c in meta["classes"]] == ["Anterior hippocampus", "Posterior hippocampus"]
     assert meta["channels"][0]["normalisation"] == {"kind": "percentile_zscore"}
+    # What the training images were like, so that runs far from them are flagged (io/sanity.py).
+    train = [c for c in find_cases(trained / "data").cases if c.name in split["train"]]
+    expected = training_envelope(read_channels(list(c.images)) for c in train)
+    assert {k: meta["training"][k] for k in expected} == expected
 
 
 def test_training_changed_the_weights_and_bundle_holds_the_best(trained):
