@@ -19,14 +19,17 @@ import torch
 from DiffSegCore.errors import InputError, RuntimeFault
 from DiffSegCore.inference.ensemble import EnsembleResult, predict_volume
 from DiffSegCore.inference.plan import resolve_device
+from DiffSegCore.inference.review import segment_review
 from DiffSegCore.io.preprocess import intensity_warnings, prepare_image, resample_like, resample_to_spacing
 from DiffSegCore.io.preview import write_preview
-from DiffSegCore.io.volumes import from_array, read_channels, read_volume, same_geometry, to_array, write_image_atomic
+from DiffSegCore.io.volumes import from_array, read_channels, read_volume, same_geometry, write_image_atomic
 from DiffSegCore.models.bundle import ModelBundle, load_bundle
 from DiffSegCore.models.metadata import read_meta
 from DiffSegCore.models.registry import resolve_model
 from DiffSegCore.progress import RunProgress
 from DiffSegCore.settings import PRESEG_SOURCES, RunSettings, resolve
+from DiffSegCore.uncertainty import describe as describe_uncertainty
+from DiffSegCore.uncertainty import single_member_warning
 
 
 @dataclass
@@ -116,7 +119,7 @@ def run_case(
 
     progress.report("load", f"reading {', '.join(p.name for p in inputs)}")
     images = read_channels(inputs)
-    warnings = intensity_warnings(images, bundle.meta)
+    warnings = intensity_warnings(images, bundle.meta) + [w for w in [single_member_warning(settings.ensemble)] if w]
     for warning in warnings:
         progress.note(f"warning: {warning}")
     reference = images[0]
@@ -185,16 +188,17 @@ def segment_case(
         for key, img in results.items():
             write_image_atomic(img, staging / names[key])
         if options.preview:
-            colors = [c.get("color", [1, 0, 0]) for c in bundle.meta["classes"]]
             write_preview(
-                to_array(sampled.reference),
-                sitk.GetArrayViewFromImage(results["segmentation"]),
-                sitk.GetArrayViewFromImage(results["uncertainty"]),
-                colors,
+                sampled.reference,
+                results["segmentation"],
+                results["uncertainty"],
+                bundle.meta["classes"],
                 staging / names["preview"],
             )
         sampled.timings["write"] = round(time.perf_counter() - clock, 4)
         record = run_record(bundle, inputs, options, sampled)
+        record["uncertainty"] = describe_uncertainty()
+        record["review"] = segment_review(results["segmentation"], results["uncertainty"], bundle.meta["classes"])
         (staging / names["run"]).write_text(json.dumps(record, indent=2) + "\n")
         _publish(staging, names, targets, options.overwrite)
     except OSError as exc:
