@@ -1,16 +1,11 @@
-"""Per-segment review figures in run.json, checked against numbers computed here from the written volumes.
-
-The figures are recomputed with other means than the core uses: the boundary with SimpleITK's binary
-erosion and dilation (the core shifts arrays), the regions with a breadth-first flood fill (the core
-uses SimpleITK's connected components), physical points with origin + direction * (spacing * index).
-"""
+"""Per-segment review figures in run.json, checked against numbers computed independently from the written
+volumes (Testing/review_helpers.py)."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
-from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +14,7 @@ import SimpleITK as sitk
 
 from DiffSegCore.inference.review import MAX_REGIONS, segment_review
 from DiffSegCore.uncertainty import DEFAULT_THRESHOLD, DISPLAY_RANGE, largest_possible
+from Testing.review_helpers import band_by_morphology, physical, ranked_regions
 
 CLASSES = [{"value": 1, "name": "Anterior hippocampus"}, {"value": 2, "name": "Posterior hippocampus"}]
 
@@ -29,44 +25,6 @@ def run_segment(image: Path, bundle: Path, out: Path, ensemble: int, progress: s
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     return result
-
-
-def physical(image: sitk.Image, kji) -> np.ndarray:
-    """LPS point of a (k, j, i) continuous index, written out from the header."""
-    direction = np.array(image.GetDirection()).reshape(3, 3)
-    return np.array(image.GetOrigin()) + direction @ (np.array(image.GetSpacing()) * np.array(kji)[::-1])
-
-
-def band_by_morphology(mask: np.ndarray) -> np.ndarray:
-    """Both sides of the surface: dilation minus erosion with a face-neighbour (cross) kernel."""
-    image = sitk.GetImageFromArray(mask.astype(np.uint8))
-    dilated = sitk.BinaryDilate(image, [1, 1, 1], sitk.sitkCross, 0, 1)
-    eroded = sitk.BinaryErode(image, [1, 1, 1], sitk.sitkCross, 0, 1, True)  # past the edge counts as inside
-    return sitk.GetArrayFromImage(dilated).astype(bool) & ~sitk.GetArrayFromImage(eroded).astype(bool)
-
-
-def flood_regions(hot: np.ndarray) -> list[list[tuple[int, int, int]]]:
-    """Face-connected components of `hot`, as lists of (k, j, i)."""
-    seen = np.zeros_like(hot)
-    regions = []
-    for start in zip(*np.nonzero(hot)):
-        if seen[start]:
-            continue
-        seen[start] = True
-        queue, voxels = deque([start]), []
-        while queue:
-            voxel = queue.popleft()
-            voxels.append(voxel)
-            for axis in range(3):
-                for step in (-1, 1):
-                    n = list(voxel)
-                    n[axis] += step
-                    n = tuple(n)
-                    if all(0 <= n[a] < hot.shape[a] for a in range(3)) and hot[n] and not seen[n]:
-                        seen[n] = True
-                        queue.append(n)
-        regions.append(voxels)
-    return regions
 
 
 @pytest.fixture(scope="module")
@@ -96,14 +54,12 @@ def test_review_figures_match_the_written_volumes(ensemble_run):
         if mask.any():
             assert segment["mean_uncertainty"] == pytest.approx(spread[mask].mean(), rel=1e-6)
             assert segment["boundary_uncertainty"] == pytest.approx(spread[band].mean(), rel=1e-6)
-        hot = (mask | band) & (spread >= DEFAULT_THRESHOLD)
-        expected = sorted(flood_regions(hot), key=lambda r: -sum(spread[v] for v in r))[:MAX_REGIONS]
+        expected = ranked_regions(mask, spread, DEFAULT_THRESHOLD, MAX_REGIONS)
         assert len(segment["regions"]) == len(expected)
-        for region, voxels in zip(segment["regions"], expected):
-            weights = np.array([spread[v] for v in voxels])
-            centre = (np.array(voxels) * weights[:, None]).sum(0) / weights.sum()
-            assert region["centre_lps"] == pytest.approx(physical(labels_image, centre), abs=2e-3)
-            assert region["volume_ml"] == pytest.approx(len(voxels) * voxel_ml, abs=1e-6)
+        for region, want in zip(segment["regions"], expected):
+            weights = want["weights"]
+            assert region["centre_lps"] == pytest.approx(physical(labels_image, want["centre_kji"]), abs=2e-3)
+            assert region["volume_ml"] == pytest.approx(len(weights) * voxel_ml, abs=1e-6)
             assert region["mean_uncertainty"] == pytest.approx(weights.mean(), rel=1e-6)
             assert region["peak_uncertainty"] == pytest.approx(weights.max(), rel=1e-6)
             checked_regions += 1
