@@ -36,6 +36,7 @@ _addCoreToPath()
 
 from DiffSegLib import dependencies  # noqa: E402
 from DiffSegLib.logic import MODEL_SETTINGS, SegmentationLogic, model_meta, model_settings  # noqa: E402
+from DiffSegLib.review_panel import ReviewPanel  # noqa: E402
 from DiffSegLib.scene import find_segmentation_conflict  # noqa: E402
 from DiffSegLib.widgets import WIDGET_CLASSES  # noqa: E402
 
@@ -175,6 +176,7 @@ class DiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             raise RuntimeError(f"DiffSeg.ui lacks widgets {missing}; reinstall the extension")
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = DiffSegLogic()
+        self.reviewPanel = ReviewPanel(self.ui)  # the Review section: table, uncertain regions, overlay
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -202,6 +204,7 @@ class DiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneStartClose(self, caller, event) -> None:
         if self._run is not None and not self._run.finished:
             self._run.cancel()
+        self.reviewPanel.clear()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -404,6 +407,8 @@ class DiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text = f"{run.message} ({run.elapsed:.1f} s)" if run.state != "done" else run.message
         if run.state == "failed":
             slicer.util.errorDisplay(f"DiffSeg failed: {run.error}")
+        if run.state == "done":
+            self.reviewPanel.show(run.segmentationNode, run.uncertaintyNode)
         self._updateState()
 
 
