@@ -36,6 +36,12 @@ def single_member_warning(ensemble: int) -> str:
     )
 
 
-def describe() -> dict:
-    """The meaning and display scale, as written into every run record (run.json)."""
-    return {"definition": DEFINITION, "display_range": list(DISPLAY_RANGE), "threshold": DEFAULT_THRESHOLD}
+def describe(ensemble: int) -> dict:
+    """The meaning and display scale, as written into every run record (run.json), with the warning
+    (or '') that an ensemble of `ensemble` members shows no uncertainty."""
+    return {
+        "definition": DEFINITION,
+        "display_range": list(DISPLAY_RANGE),
+        "threshold": DEFAULT_THRESHOLD,
+        "warning": single_member_warning(ensemble),
+    }

@@ -197,7 +197,7 @@ def segment_case(
             )
         sampled.timings["write"] = round(time.perf_counter() - clock, 4)
         record = run_record(bundle, inputs, options, sampled)
-        record["uncertainty"] = describe_uncertainty()
+        record["uncertainty"] = describe_uncertainty(sampled.settings.ensemble)
         record["review"] = segment_review(results["segmentation"], results["uncertainty"], bundle.meta["classes"])
         (staging / names["run"]).write_text(json.dumps(record, indent=2) + "\n")
         _publish(staging, names, targets, options.overwrite)

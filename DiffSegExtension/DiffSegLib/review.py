@@ -11,8 +11,6 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from DiffSegCore.uncertainty import single_member_warning
-
 ATTRIBUTE = "DiffSeg.review"  # the review as JSON on the segmentation node: saved with the scene
 COLUMNS = ("Segment", "Volume (mL)", "Uncertainty inside", "Uncertainty on boundary", "Uncertain regions")
 
@@ -46,7 +44,7 @@ class Review:
 
     def zero_uncertainty_warning(self) -> str:
         """The warning that this run's uncertainty is all zero (an ensemble of 1), else ''."""
-        return next((w for w in self.warnings if w == single_member_warning(1)), "")
+        return self.uncertainty.get("warning", "")
 
     def rows(self) -> list[tuple[str, ...]]:
         """The table's cells, one row per segment, in COLUMNS' order."""

@@ -66,6 +66,7 @@ def test_review_figures_match_the_written_volumes(ensemble_run):
     assert checked_regions > 0, "the tiny random model should disagree somewhere; nothing was compared"
     assert record["uncertainty"]["display_range"] == list(DISPLAY_RANGE)
     assert record["uncertainty"]["threshold"] == DEFAULT_THRESHOLD
+    assert record["uncertainty"]["warning"] == ""  # three members: nothing to warn about
 
 
 def test_uncertainty_never_exceeds_its_stated_maximum(ensemble_run):
@@ -107,8 +108,9 @@ def test_regions_ranked_with_weighted_centres_on_a_rotated_grid():
 
 def test_ensemble_of_one_says_the_uncertainty_is_zero(tmp_path, tiny_bundle, hippocampus_case):
     result = run_segment(hippocampus_case[0], tiny_bundle, tmp_path, ensemble=1, progress="text")
-    assert "ensemble of 1 member gives no uncertainty" in result.stderr
+    assert "uncertainty volume is all zero" in result.stderr
     record = json.loads((tmp_path / "hippocampus_001_run.json").read_text())
-    assert any("ensemble of 1" in w for w in record["warnings"])
+    assert any("uncertainty volume is all zero" in w for w in record["warnings"])
+    assert "all zero" in record["uncertainty"]["warning"]  # what the panel shows
     assert not sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "hippocampus_001_uncertainty.nii.gz"))).any()
     assert all(s["regions"] == [] for s in record["review"])

@@ -115,6 +115,6 @@ def test_review_table_and_centring_on_the_most_uncertain_regions(result, volume)
 def test_ensemble_of_one_says_the_uncertainty_is_zero(scene, volume, tiny_bundle):
     logic = SegmentationLogic(scene)
     logic.process(volume, str(tiny_bundle), steps=1, ensemble=1, device="cpu", seed=SEED)
-    assert "ensemble of 1 member gives no uncertainty" in logic.activeRun.message
+    assert "uncertainty volume is all zero" in logic.activeRun.message
     assert logic.activeRun.review.zero_uncertainty_warning()
     assert RegionWalk(logic.activeRun.review).select(0) is None
