@@ -45,10 +45,18 @@ def _mean(values: np.ndarray) -> float | None:
 
 
 def uncertain_regions(
-    zone: np.ndarray, uncertainty: np.ndarray, reference: sitk.Image, threshold: float, voxel_ml: float
+    zone: np.ndarray,
+    uncertainty: np.ndarray,
+    reference: sitk.Image,
+    threshold: float,
+    voxel_ml: float,
+    offset: tuple[int, ...] = (0, 0, 0),
 ) -> list[dict]:
     """Face-connected regions of `zone` voxels at or above `threshold`, most uncertain first (largest
-    summed uncertainty), at most MAX_REGIONS; each with its uncertainty-weighted centre in LPS (mm)."""
+    summed uncertainty), at most MAX_REGIONS; each with its uncertainty-weighted centre in LPS (mm).
+
+    `zone` and `uncertainty` may be a crop of the reference grid starting at voxel `offset` (k, j, i).
+    """
     hot = zone & (uncertainty >= threshold)
     if not hot.any():
         return []
@@ -62,7 +70,7 @@ def uncertain_regions(
     for index in np.argsort(-totals, kind="stable")[:MAX_REGIONS]:
         where = np.nonzero(ids == index + 1)  # (k, j, i) arrays
         w = weights[where]
-        centre_kji = [float((axis * w).sum() / w.sum()) for axis in where]
+        centre_kji = [float((axis * w).sum() / w.sum()) + start for axis, start in zip(where, offset)]
         centre = reference.TransformContinuousIndexToPhysicalPoint(centre_kji[::-1])
         regions.append({
             "centre_lps": [round(float(c), 3) for c in centre],
@@ -71,6 +79,17 @@ def uncertain_regions(
             "peak_uncertainty": float(w.max()),
         })
     return regions
+
+
+def _box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """The mask's bounding box grown by one voxel (so it holds the boundary band), or None if it is empty."""
+    box = []
+    for axis in range(mask.ndim):
+        occupied = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if occupied.size == 0:
+            return None
+        box.append(slice(max(occupied[0] - 1, 0), min(occupied[-1] + 2, mask.shape[axis])))
+    return tuple(box)
 
 
 def segment_review(
@@ -89,19 +108,26 @@ def segment_review(
     its boundary band). Means are None for an empty segment.
     """
     label_array = sitk.GetArrayViewFromImage(labels)
-    spread = sitk.GetArrayViewFromImage(uncertainty).astype(np.float64)
+    spread = sitk.GetArrayViewFromImage(uncertainty)
     voxel_ml = float(np.prod(labels.GetSpacing())) / 1000.0
     review = []
     for cls in classes:
-        mask = label_array == int(cls["value"])
+        entry = {"value": int(cls["value"]), "name": cls["name"], "voxels": 0, "volume_ml": 0.0}
+        whole = label_array == int(cls["value"])
+        box = _box(whole)
+        if box is None:
+            review.append({**entry, "mean_uncertainty": None, "boundary_uncertainty": None, "regions": []})
+            continue
+        # Everything else within the segment's box: the work scales with the segment, not the volume.
+        mask, local = whole[box], spread[box].astype(np.float64)
         band = boundary_band(mask)
+        offset = tuple(int(b.start) for b in box)
         review.append({
-            "value": int(cls["value"]),
-            "name": cls["name"],
+            **entry,
             "voxels": int(mask.sum()),
             "volume_ml": round(float(mask.sum()) * voxel_ml, 6),
-            "mean_uncertainty": _mean(spread[mask]),
-            "boundary_uncertainty": _mean(spread[band]),
-            "regions": uncertain_regions(mask | band, spread, labels, threshold, voxel_ml),
+            "mean_uncertainty": _mean(local[mask]),
+            "boundary_uncertainty": _mean(local[band]),
+            "regions": uncertain_regions(mask | band, local, labels, threshold, voxel_ml, offset),
         })
     return review
