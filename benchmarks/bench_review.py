@@ -12,14 +12,13 @@ to a 512 x 512 in-plane grid, the size of a clinical CT. Median of repeated runs
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import SimpleITK as sitk
-from benchlib import HIPPOCAMPUS, HIPPOCAMPUS_DIR, RESULTS, load_average, machine_info, machine_tag, markdown_table
+from benchlib import HIPPOCAMPUS, HIPPOCAMPUS_DIR, load_average, machine_info, write_results
 
 from DiffSegCore.inference.review import segment_review
 
@@ -92,13 +91,7 @@ def main() -> None:
         measure("chaos_01 (CT)", chaos, args.repeats),
         measure("chaos_01 at 512 x 512", upsampled(chaos, 512), args.repeats),
     ]
-    machine["load_average_end"] = load_average()
-    tag = machine_tag()
-    payload = {"command": "python benchmarks/bench_review.py", "machine": machine, "rows": rows}
-    (RESULTS / f"review_{tag}.json").write_text(json.dumps(payload, indent=1))
-    table = markdown_table(rows, COLUMNS)
-    (RESULTS / f"review_{tag}.md").write_text(table + "\n")
-    print(table)
+    print(write_results("review", "python benchmarks/bench_review.py", machine, rows, COLUMNS))
 
 
 if __name__ == "__main__":
