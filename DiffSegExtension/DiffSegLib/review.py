@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import vtk
+
 ATTRIBUTE = "DiffSeg.review"  # the review as JSON on the segmentation node: saved with the scene
 COLUMNS = ("Segment", "Volume (mL)", "Uncertainty inside", "Uncertainty on boundary", "Uncertain regions")
 
@@ -115,10 +117,20 @@ class RegionWalk:
         )
 
 
-def centre_on_region(scene, region: dict | None) -> bool:
-    """Centre the slice views on a region of the review (False if there is none)."""
+def to_world(node, ras) -> tuple[float, float, float]:
+    """A point in `node`'s own RAS frame moved by the transforms above it (a registered input) into the views' frame."""
+    parent = node.GetParentTransformNode()
+    if parent is None:
+        return tuple(ras)
+    transform = vtk.vtkGeneralTransform()
+    parent.GetTransformToWorld(transform)
+    return tuple(transform.TransformPoint(ras))
+
+
+def centre_on_region(node, region: dict | None) -> bool:
+    """Centre the slice views on a region of the review of `node` (the segmentation); False if there is none."""
     if region is None:
         return False
-    centre_slice_views(scene, lps_to_ras(region["centre_lps"]))
+    centre_slice_views(node.GetScene(), to_world(node, lps_to_ras(region["centre_lps"])))
     return True
 

@@ -98,7 +98,7 @@ class ReviewPanel:
             self._centre(self.walk.next())
 
     def _centre(self, region: dict | None) -> None:
-        centre_on_region(self.segmentation.GetScene(), region)
+        centre_on_region(self.segmentation, region)
         self.ui.reviewInfoLabel.text = self.walk.describe(region)
         self.ui.nextRegionButton.enabled = region is not None
 

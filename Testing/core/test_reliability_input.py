@@ -11,7 +11,7 @@ import SimpleITK as sitk
 
 from Testing.core.conftest import assert_one_line_error, folder_entries, write_volume
 
-FAST = ("--steps", 1, "--ensemble", 1, "--progress", "none")
+FAST = ("--steps", 1, "--ensemble", 2, "--progress", "none")
 
 
 def segment(cli, inputs, bundle, out, *extra):

@@ -15,25 +15,10 @@ from conftest import CLASSES, SEED, labelmap_of
 from DiffSegLib import scene as bridge
 from DiffSegLib.logic import SegmentationLogic
 from DiffSegLib.review import RegionWalk, Review, centre_on_region
+from views import add_slice_views
 
 from DiffSegCore.uncertainty import DEFAULT_THRESHOLD, DISPLAY_RANGE
 from Testing.review_helpers import band_by_morphology, ranked_regions
-
-VIEWS = {"Red": "Axial", "Yellow": "Sagittal", "Green": "Coronal"}
-
-
-def add_slice_views(scene) -> dict:
-    """The three slice views of Slicer's default layout: a slice node and a composite node each."""
-    slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)
-    views = {}
-    for name, orientation in VIEWS.items():
-        node = scene.AddNewNodeByClass("vtkMRMLSliceNode", name)
-        node.SetLayoutName(name)
-        node.SetOrientation(orientation)
-        composite = scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
-        composite.SetLayoutName(name)
-        views[name] = (node, composite)
-    return views
 
 
 def ras_of_index(node, kji) -> np.ndarray:
@@ -103,13 +88,24 @@ def test_review_table_and_centring_on_the_most_uncertain_regions(result, volume)
     walk = RegionWalk(review)
     for step, want in enumerate(expected):
         region = walk.select(segment) if step == 0 else walk.next()
-        assert centre_on_region(volume.GetScene(), region)
+        assert centre_on_region(segmentation, region)
         ras = ras_of_index(volume, want["centre_kji"])
         for node, _ in views.values():
             slice_to_ras = node.GetSliceToRAS()
             assert [slice_to_ras.GetElement(r, 3) for r in range(3)] == pytest.approx(ras, abs=2e-3)
         assert views["Red"][0].GetSliceOffset() == pytest.approx(ras[2], abs=2e-3)  # axial: superior
         assert f"region {step + 1} of" in walk.describe(region)
+
+    # a registered result (under a transform) is centred where the views show it
+    shift = vtk.vtkTransform()
+    shift.Translate(5.0, -7.0, 11.0)
+    transform = volume.GetScene().AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    transform.SetMatrixTransformToParent(shift.GetMatrix())
+    segmentation.SetAndObserveTransformNodeID(transform.GetID())
+    assert centre_on_region(segmentation, walk.select(segment))
+    moved = ras_of_index(volume, expected[0]["centre_kji"]) + np.array([5.0, -7.0, 11.0])
+    slice_to_ras = views["Red"][0].GetSliceToRAS()
+    assert [slice_to_ras.GetElement(r, 3) for r in range(3)] == pytest.approx(moved, abs=2e-3)
 
 
 def test_ensemble_of_one_says_the_uncertainty_is_zero(scene, volume, tiny_bundle):
