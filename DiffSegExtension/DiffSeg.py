@@ -175,8 +175,8 @@ class DiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if missing:
             raise RuntimeError(f"DiffSeg.ui lacks widgets {missing}; reinstall the extension")
         uiWidget.setMRMLScene(slicer.mrmlScene)
-        self.logic = DiffSegLogic()
         self.reviewPanel = ReviewPanel(self.ui)  # the Review section: table, uncertain regions, overlay
+        self.logic = DiffSegLogic()
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -204,10 +204,10 @@ class DiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneStartClose(self, caller, event) -> None:
         if self._run is not None and not self._run.finished:
             self._run.cancel()
-        self.reviewPanel.clear()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
+        self.reviewPanel.clear()  # its nodes are gone
         if self.parent.isEntered:
             self.initializeParameterNode()
 
@@ -402,13 +402,13 @@ class DiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _onFinished(self, run) -> None:
         self._timer.stop()
+        if run.state == "done":
+            self.reviewPanel.show(run.segmentationNode, run.uncertaintyNode)
         self.ui.applyButton.text = "Apply"
         self.ui.progressBar.value = self.ui.progressBar.maximum if run.state == "done" else 0
         self.ui.statusLabel.text = f"{run.message} ({run.elapsed:.1f} s)" if run.state != "done" else run.message
         if run.state == "failed":
             slicer.util.errorDisplay(f"DiffSeg failed: {run.error}")
-        if run.state == "done":
-            self.reviewPanel.show(run.segmentationNode, run.uncertaintyNode)
         self._updateState()
 
 
