@@ -14,7 +14,8 @@ from pathlib import Path
 import vtk
 
 ATTRIBUTE = "DiffSeg.review"  # the review as JSON on the segmentation node: saved with the scene
-COLUMNS = ("Segment", "Volume (mL)", "Uncertainty inside", "Uncertainty on boundary", "Uncertain regions")
+# The table's headers; mean uncertainty inside the segment and on its boundary, and its uncertain regions.
+COLUMNS = ("Segment", "mL", "Inside", "Boundary", "Regions")
 
 
 @dataclass

@@ -37,7 +37,6 @@ class ReviewPanel:
         opacity.minimum, opacity.maximum, opacity.singleStep, opacity.decimals, opacity.value = 0.0, 1.0, 0.05, 2, OPACITY
         ui.reviewTable.setColumnCount(len(COLUMNS))
         ui.reviewTable.setHorizontalHeaderLabels(list(COLUMNS))
-        ui.reviewTable.verticalHeader().visible = False
         ui.reviewTable.connect("cellClicked(int,int)", self.onRowClicked)
         ui.nextRegionButton.connect("clicked()", self.onNextRegion)
         threshold.connect("valueChanged(double)", self.onThresholdChanged)

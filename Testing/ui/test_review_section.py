@@ -64,6 +64,7 @@ def test_review_section_comes_after_the_outputs_and_inside_it_the_table(panel):
     table = panel.findChild(QtWidgets.QTableWidget, "reviewTable")
     assert table.editTriggers() == QtWidgets.QAbstractItemView.EditTrigger.NoEditTriggers
     assert table.selectionBehavior() == QtWidgets.QAbstractItemView.SelectionBehavior.SelectRows
+    assert table.verticalHeader().isHidden() and table.horizontalHeader().stretchLastSection()
     assert panel.findChild(QtWidgets.QPushButton, "show3DButton").isCheckable()
 
 
