@@ -48,6 +48,15 @@ def _orientation_labels(ax) -> None:
 
 
 def write_preview(image: sitk.Image, labels: sitk.Image, uncertainty: sitk.Image, classes: list[dict], path: Path) -> Path:
+    """The preview_figure of a result, written as a PNG at `path` (atomically)."""
+    fig = preview_figure(image, labels, uncertainty, classes)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def preview_figure(image: sitk.Image, labels: sitk.Image, uncertainty: sitk.Image, classes: list[dict]) -> plt.Figure:
     """Rows of slices: image with class contours on top, uncertainty heat map below.
 
     image, labels and uncertainty share one grid (the input's); classes are model.json's (value,
@@ -88,7 +97,4 @@ def write_preview(image: sitk.Image, labels: sitk.Image, uncertainty: sitk.Image
     scale_ax.axis("off")
     fig.colorbar(heat, ax=scale_ax, fraction=0.5, label="uncertainty (variance across members)")
     fig.suptitle("DiffSeg: segmentation (top) and uncertainty (bottom, 0.5 = members split half and half)")
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    return path
+    return fig
