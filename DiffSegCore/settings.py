@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from DiffSegCore.errors import InputError
+from DiffSegCore.uncertainty import single_member_warning
 
 DEFAULT_MODEL = "hippocampus-recycling-x0"
 SAMPLERS = ("ddim", "ddpm")
@@ -215,9 +216,7 @@ def resolve(meta: dict, chosen: Mapping[str, Any] | None = None) -> RunSettings:
 
 def setting_warnings(settings: RunSettings) -> list[str]:
     """What the user should know about settings that run but may not give what they expect (one line each)."""
-    if settings.ensemble == 1:
-        return ["one ensemble member has no uncertainty: the uncertainty volume is all zero; use --ensemble 2 or more"]
-    return []
+    return [warning for warning in [single_member_warning(settings.ensemble)] if warning]
 
 
 def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, names: tuple[str, ...] = ()) -> None:

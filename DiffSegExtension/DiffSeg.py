@@ -33,6 +33,7 @@ _addCoreToPath()
 from DiffSegLib import dependencies  # noqa: E402
 from DiffSegLib.logic import MODEL_SETTINGS, SegmentationLogic, model_meta, start_child  # noqa: E402
 from DiffSegLib.parameters import PRESEG_CHOICES, Parameters  # noqa: E402
+from DiffSegLib.review_panel import ReviewPanel  # noqa: E402
 from DiffSegLib.scene import find_segmentation_conflict  # noqa: E402
 from DiffSegLib.widgets import PARAMETER_WIDGETS, WIDGET_CLASSES  # noqa: E402
 
@@ -148,6 +149,7 @@ class DiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if missing:
             raise RuntimeError(f"DiffSeg.ui lacks widgets {missing}; reinstall the extension")
         uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.reviewPanel = ReviewPanel(self.ui)  # the Review section: table, uncertain regions, overlay
         self.logic = DiffSegLogic()
         self._setupChoices()
 
@@ -190,6 +192,7 @@ class DiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
+        self.reviewPanel.clear()  # its nodes are gone
         if self.parent.isEntered:
             self.initializeParameterNode()
 
@@ -507,6 +510,8 @@ class DiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _onFinished(self, run) -> None:
         self._timer.stop()
+        if run.state == "done":
+            self.reviewPanel.show(run.segmentationNode, run.uncertaintyNode)
         self.ui.applyButton.text = "Apply"
         self.ui.progressBar.value = self.ui.progressBar.maximum if run.state == "done" else 0
         self.ui.statusLabel.text = f"{run.message} ({run.elapsed:.1f} s)" if run.state != "done" else run.message

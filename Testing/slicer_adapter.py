@@ -183,6 +183,27 @@ class qMRMLNodeComboBox(QtWidgets.QComboBox):
             self.setCurrentIndex(index)
 
 
+class ctkSliderWidget(QtWidgets.QWidget):
+    """A number with ctkSliderWidget's double `minimum`, `maximum`, `singleStep`, `value`, `decimals` and
+    valueChanged(double) (a spin box stands in for the slider and its spin box)."""
+
+    valueChanged = QtCore.Signal(float)
+
+    def __init__(self, parent=None) -> None:
+        super().__init__(parent)
+        self._spin = QtWidgets.QDoubleSpinBox(self)
+        layout = QtWidgets.QHBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(self._spin)
+        self._spin.valueChanged.connect(self.valueChanged)
+
+    minimum = QtCore.Property(float, lambda self: self._spin.minimum(), lambda self, v: self._spin.setMinimum(v))
+    maximum = QtCore.Property(float, lambda self: self._spin.maximum(), lambda self, v: self._spin.setMaximum(v))
+    singleStep = QtCore.Property(float, lambda self: self._spin.singleStep(), lambda self, v: self._spin.setSingleStep(v))
+    decimals = QtCore.Property(int, lambda self: self._spin.decimals(), lambda self, v: self._spin.setDecimals(v))
+    value = QtCore.Property(float, lambda self: self._spin.value(), lambda self, v: self._spin.setValue(v))
+
+
 class qMRMLWidget(QtWidgets.QWidget):
     """The .ui's root: setMRMLScene reaches every node combo box, as the .ui's mrmlSceneChanged connections do."""
 
@@ -204,7 +225,7 @@ def loadUI(path: str) -> QtWidgets.QWidget:
     text = Path(path).read_text(encoding="utf-8")
     text = re.sub(r"<connections>.*</connections>", "", text, flags=re.S)
     loader = QtUiTools.QUiLoader()
-    for cls in (ctkCollapsibleButton, qMRMLNodeComboBox, qMRMLWidget):
+    for cls in (ctkCollapsibleButton, ctkSliderWidget, qMRMLNodeComboBox, qMRMLWidget):
         loader.registerCustomWidget(cls)
     buffer = QtCore.QBuffer()
     buffer.setData(QtCore.QByteArray(text.encode("utf-8")))
@@ -318,6 +339,7 @@ def install(standalone_scene) -> Application:
     qt.QUiLoader = QtUiTools.QUiLoader
     ctk = types.ModuleType("ctk")
     ctk.ctkCollapsibleButton = ctkCollapsibleButton
+    ctk.ctkSliderWidget = ctkSliderWidget
     scripted = types.ModuleType("slicer.ScriptedLoadableModule")
     for cls in (ScriptedLoadableModule, ScriptedLoadableModuleWidget, ScriptedLoadableModuleLogic,
                 ScriptedLoadableModuleTest):

@@ -236,3 +236,14 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
 
 def gib(nbytes: int | None) -> float | None:
     return None if nbytes is None else round(nbytes / 2**30, 3)
+
+
+def write_results(name: str, command: str, machine: dict, rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    """results/<name>_<machine tag>.json (command, machine, rows) and .md (the table); returns the table."""
+    machine = {**machine, "load_average_end": load_average()}
+    tag = machine_tag()
+    payload = {"command": command, "machine": machine, "rows": rows}
+    (RESULTS / f"{name}_{tag}.json").write_text(json.dumps(payload, indent=1))
+    table = markdown_table(rows, columns)
+    (RESULTS / f"{name}_{tag}.md").write_text(table + "\n")
+    return table

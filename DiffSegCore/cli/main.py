@@ -27,7 +27,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_models_parser(subparsers)
     add_train_parser(subparsers)
     add_evaluate_parser(subparsers)
+    _debug_after_subcommands(parser)
     return parser
+
+
+def _debug_after_subcommands(parser: argparse.ArgumentParser) -> None:
+    """Let --debug follow any subcommand too (`diffseg segment ... --debug`). argparse has no public way
+    to list subparsers, hence _actions; SUPPRESS keeps the top-level value when a subcommand lacks the flag."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+                _debug_after_subcommands(sub)
 
 
 def _report_error(args: argparse.Namespace | None, message: str) -> None:

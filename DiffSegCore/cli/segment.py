@@ -66,6 +66,7 @@ def run_segment(args: argparse.Namespace) -> int:
         outputs, case_settings = segment_case(bundle, paths, name, output_dir, run_settings, options, progress)
         written[name] = {key: str(path) for key, path in outputs.items()}
         ran[name] = case_settings.to_json()
-        progress.result(f"{name}: {outputs['segmentation']}")
+        for key, path in outputs.items():  # every file written, not only the segmentation
+            progress.result(f"{name} {key}: {path}")
     progress.finish(written, ran, f"{len(cases)} case(s) segmented")
     return 0

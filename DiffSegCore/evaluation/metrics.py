@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -41,9 +42,11 @@ def case_metrics(labels: np.ndarray, truth: np.ndarray, uncertainty: np.ndarray,
     """Per-class Dice and HD95 (mm), and the AUROC of uncertainty for errors near the structures."""
     pred_t, truth_t = torch.from_numpy(labels), torch.from_numpy(truth)
     pred_1h, truth_1h = one_hot(pred_t, num_classes), one_hot(truth_t, num_classes)
-    hd95 = compute_hausdorff_distance(
-        pred_1h, truth_1h, include_background=False, percentile=95, spacing=list(spacing_zyx)
-    )[0]
+    with warnings.catch_warnings():  # MONAI's HD95 calls its own get_mask_edges with a deprecated argument
+        warnings.filterwarnings("ignore", ".*always_return_as_numpy.*", FutureWarning)
+        hd95 = compute_hausdorff_distance(
+            pred_1h, truth_1h, include_background=False, percentile=95, spacing=list(spacing_zyx)
+        )[0]
     region = _near_structures(truth, labels, spacing_zyx)
     errors = (pred_t != truth_t)[region].float()
     auroc = None

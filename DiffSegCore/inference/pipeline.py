@@ -19,16 +19,18 @@ import torch
 from DiffSegCore.errors import InputError, RuntimeFault
 from DiffSegCore.inference.ensemble import EnsembleResult, predict_volume
 from DiffSegCore.inference.plan import resolve_device
+from DiffSegCore.inference.review import segment_review
 from DiffSegCore.io.atomic import owned_prefix, remove_orphans
 from DiffSegCore.io.preprocess import prepare_image, resample_like, resample_to_spacing
 from DiffSegCore.io.preview import write_preview
 from DiffSegCore.io.sanity import input_warnings
-from DiffSegCore.io.volumes import from_array, read_channels, read_volume, same_geometry, to_array, write_image_atomic
+from DiffSegCore.io.volumes import from_array, read_channels, read_volume, same_geometry, write_image_atomic
 from DiffSegCore.models.bundle import ModelBundle, load_bundle
 from DiffSegCore.models.metadata import read_meta
 from DiffSegCore.models.registry import resolve_model
 from DiffSegCore.progress import RunProgress
 from DiffSegCore.settings import PRESEG_SOURCES, RunSettings, resolve, setting_warnings
+from DiffSegCore.uncertainty import describe as describe_uncertainty
 
 
 @dataclass
@@ -189,16 +191,17 @@ def segment_case(
         for key, img in results.items():
             write_image_atomic(img, staging / names[key])
         if options.preview:
-            colors = [c.get("color", [1, 0, 0]) for c in bundle.meta["classes"]]
             write_preview(
-                to_array(sampled.reference),
-                sitk.GetArrayViewFromImage(results["segmentation"]),
-                sitk.GetArrayViewFromImage(results["uncertainty"]),
-                colors,
+                sampled.reference,
+                results["segmentation"],
+                results["uncertainty"],
+                bundle.meta["classes"],
                 staging / names["preview"],
             )
         sampled.timings["write"] = round(time.perf_counter() - clock, 4)
         record = run_record(bundle, inputs, options, sampled)
+        record["uncertainty"] = describe_uncertainty(sampled.settings.ensemble)
+        record["review"] = segment_review(results["segmentation"], results["uncertainty"], bundle.meta["classes"])
         (staging / names["run"]).write_text(json.dumps(record, indent=2) + "\n")
         _publish(staging, names, targets, options.overwrite)
     except OSError as exc:

@@ -23,6 +23,7 @@ from DiffSegCore.errors import DiffSegError
 from DiffSegCore.events import ERROR, STAGES
 
 from . import scene as bridge
+from .review import Review
 from .worker import Worker, WorkerResult
 
 CASE = "input"  # case name of the files handed to the core
@@ -132,6 +133,7 @@ class SegmentationRun:
         self.segmentationNode = None
         self.uncertaintyNode = None
         self.memberSegmentationNodes: list = []
+        self.review: Review | None = None  # the core's per-segment figures (run record), kept on the segmentation
         self.elapsed = 0.0
 
     @property
@@ -191,7 +193,8 @@ class SegmentationRun:
             else:
                 self._import_outputs(result)
                 self.state, self.fraction = "done", 1.0
-                self.message = f"Done in {self.elapsed:.1f} s"
+                warning = self.review.zero_uncertainty_warning() if self.review else ""
+                self.message = f"Done in {self.elapsed:.1f} s" + (f"; warning: {warning}" if warning else "")
         except Exception as exc:  # the scene must stay clean whatever went wrong while importing
             self.state, self.error = "failed", f"could not load the results: {exc}"
             self.message = f"Failed: {self.error}"
@@ -252,6 +255,8 @@ class SegmentationRun:
             bridge.place_like(node, reference)
         if segmentation.GetDisplayNode() is None:
             segmentation.CreateDefaultDisplayNodes()
+        self.review = Review.from_record(Path(outputs["run"]))
+        self.review.attach(segmentation)
         bridge.show_uncertainty(uncertainty, reference)
         self.segmentationNode, self.uncertaintyNode, self.memberSegmentationNodes = segmentation, uncertainty, members
 

@@ -13,6 +13,8 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
+from DiffSegCore.uncertainty import DEFAULT_THRESHOLD, DISPLAY_RANGE
+
 # Module logics the bridge needs; the Segmentations logic also registers the labelmap converters.
 MODULE_LOGICS = {
     "Colors": "vtkSlicerColorLogic",
@@ -36,6 +38,7 @@ VIRIDIS_STOPS = [
     (0.993, 0.906, 0.144),
 ]
 UNCERTAINTY_COLOR_NAMES = ("Viridis", "Inferno", "DiffSeg Viridis")
+THRESHOLD_CEILING = 1.0  # above any uncertainty value (at most 1 - 1/K): the threshold has no upper cut
 
 
 class StandaloneScene:
@@ -257,19 +260,57 @@ def uncertainty_color_node(scene: slicer.vtkMRMLScene) -> slicer.vtkMRMLColorNod
 
 
 def show_uncertainty(
-    uncertainty: slicer.vtkMRMLScalarVolumeNode, background: slicer.vtkMRMLVolumeNode, opacity: float = 0.5
-) -> None:
-    """Colour overlay of the uncertainty over the input in every slice view, window/level = its range."""
+    uncertainty: slicer.vtkMRMLScalarVolumeNode,
+    background: slicer.vtkMRMLVolumeNode,
+    opacity: float = 0.5,
+    threshold: float = DEFAULT_THRESHOLD,
+) -> slicer.vtkMRMLColorLegendDisplayNode:
+    """Colour overlay of the uncertainty over the input in every slice view, with a colour legend.
+
+    One fixed scale for every case (DiffSegCore/uncertainty.py's DISPLAY_RANGE), so that two results
+    can be compared; transparent below `threshold`, where the members agree. Returns the legend node.
+    """
     scene = uncertainty.GetScene()
     if uncertainty.GetDisplayNode() is None:
         uncertainty.CreateDefaultDisplayNodes()
     display = uncertainty.GetDisplayNode()
     display.SetAndObserveColorNodeID(uncertainty_color_node(scene).GetID())
-    low, high = uncertainty.GetImageData().GetScalarRange()
     display.AutoWindowLevelOff()
-    display.SetWindowLevelMinMax(low, high if high > low else low + 1e-6)
+    display.SetWindowLevelMinMax(*DISPLAY_RANGE)
+    set_uncertainty_threshold(uncertainty, threshold)
+    legend = slicer.vtkSlicerColorLogic.AddDefaultColorLegendDisplayNode(uncertainty)
+    legend.SetTitleText("Uncertainty")
+    legend.SetLabelFormat("%.2f")
+    legend.SetVisibility3D(False)  # the overlay is drawn in the slice views only
     for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
         composite = scene.GetNthNodeByClass(index, "vtkMRMLSliceCompositeNode")
         composite.SetBackgroundVolumeID(background.GetID())
         composite.SetForegroundVolumeID(uncertainty.GetID())
-        composite.SetForegroundOpacity(opacity)
+    set_uncertainty_opacity(uncertainty, opacity)
+    return legend
+
+
+def set_uncertainty_threshold(uncertainty: slicer.vtkMRMLScalarVolumeNode, threshold: float) -> None:
+    """Hide the voxels below `threshold` (the members agree there); the scale itself does not move."""
+    display = uncertainty.GetDisplayNode()
+    display.AutoThresholdOff()
+    display.SetThreshold(threshold, THRESHOLD_CEILING)
+    display.ApplyThresholdOn()
+
+
+def set_uncertainty_opacity(uncertainty: slicer.vtkMRMLScalarVolumeNode, opacity: float) -> None:
+    """Opacity of the overlay in the slice views that show this uncertainty volume."""
+    scene = uncertainty.GetScene()
+    for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
+        composite = scene.GetNthNodeByClass(index, "vtkMRMLSliceCompositeNode")
+        if composite.GetForegroundVolumeID() == uncertainty.GetID():
+            composite.SetForegroundOpacity(opacity)
+
+
+def show_segmentation_3d(segmentation: slicer.vtkMRMLSegmentationNode, visible: bool = True) -> None:
+    """Show (or hide) the segmentation as surfaces in the 3D view; the surfaces are made once."""
+    if visible:
+        segmentation.CreateClosedSurfaceRepresentation()
+    if segmentation.GetDisplayNode() is None:
+        segmentation.CreateDefaultDisplayNodes()
+    segmentation.GetDisplayNode().SetVisibility3D(visible)

@@ -56,3 +56,14 @@ PARAMETER_WIDGETS = {
     "outputUncertainty": "outputUncertaintySelector",
     "saveMembers": "saveMembersCheckBox",
 }
+
+# The Review section (DiffSegLib/review_panel.py), after the outputs: the review table, region walk and overlay.
+REVIEW_WIDGET_CLASSES = {
+    "reviewCollapsibleButton": "ctkCollapsibleButton",
+    "reviewInfoLabel": "QLabel",
+    "reviewTable": "QTableWidget",
+    "nextRegionButton": "QPushButton",
+    "uncertaintyThresholdSlider": "ctkSliderWidget",
+    "uncertaintyOpacitySlider": "ctkSliderWidget",
+    "show3DButton": "QPushButton",
+}

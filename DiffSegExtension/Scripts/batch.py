@@ -3,9 +3,10 @@
     Slicer --no-main-window --python-script DiffSegExtension/Scripts/batch.py \
         --input DIR --output DIR --model ID [--steps K --ensemble N --sampler ddim ...]
 
-Writes <case>.seg.nrrd and <case>_uncertainty.nrrd per case and prints a summary. Channel files
-follow the nnU-Net naming (<case>_0000, <case>_0001, ...). Also runs with plain Python on a
-slicer-core scene (how the tests drive it).
+Writes <case>.seg.nrrd and <case>_uncertainty.nrrd per case and prints a table: per segment its
+volume (mL) and mean uncertainty inside it and on its boundary. Channel files follow the nnU-Net
+naming (<case>_0000, <case>_0001, ...). Also runs with plain Python on a slicer-core scene (how the
+tests drive it).
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ sys.path.insert(0, str(MODULE_DIR))
 if (MODULE_DIR.parent / "DiffSegCore").is_dir():
     sys.path.insert(0, str(MODULE_DIR.parent))
 
-import numpy as np  # noqa: E402
 import slicer  # noqa: E402
 from DiffSegLib import scene as bridge  # noqa: E402
 from DiffSegLib.logic import SegmentationLogic, model_meta  # noqa: E402
+from DiffSegLib.review import Review  # noqa: E402
 
 from DiffSegCore import settings  # noqa: E402
 from DiffSegCore.errors import DiffSegError  # noqa: E402
@@ -98,18 +99,18 @@ def run(args: argparse.Namespace) -> int:
             bridge.write_volume(uncertainty, args.output / f"{name}_uncertainty.nrrd")
             for k, member in enumerate(logic.activeRun.memberSegmentationNodes, start=1):
                 save_segmentation(member, args.output / f"{name}_member{k}.seg.nrrd")
-            spread = bridge.array_from_volume(uncertainty)
-            segments = segmentation.GetSegmentation().GetNumberOfSegments()
-            rows.append((name, "ok", time.monotonic() - started, segments, float(np.mean(spread))))
+            rows.append((name, "ok", time.monotonic() - started, Review.of(segmentation).rows()))
         except Exception as exc:  # one bad case must not stop the batch
             failures += 1
-            rows.append((name, f"failed: {exc}", time.monotonic() - started, 0, float("nan")))
+            rows.append((name, f"failed: {exc}", time.monotonic() - started, [("-",) * 5]))
         finally:
             for node in nodes:
                 scene.RemoveNode(node)
-    print(f"{'case':<28} {'seconds':>8} {'segments':>8} {'mean uncertainty':>17}  status")
-    for name, status, seconds, segments, spread in rows:
-        print(f"{name:<28} {seconds:8.1f} {segments:8d} {spread:17.5f}  {status}")
+    # One line per segment: the core's review figures (volume, mean uncertainty inside and on the boundary).
+    print(f"{'case':<24} {'seconds':>7}  {'segment':<24} {'mL':>8} {'inside':>7} {'boundary':>8}  status")
+    for name, status, seconds, segments in rows:
+        for segment, volume, inside, boundary, _ in segments:
+            print(f"{name:<24} {seconds:7.1f}  {segment:<24} {volume:>8} {inside:>7} {boundary:>8}  {status}")
     print(f"{len(rows) - failures} of {len(rows)} case(s) segmented; results in {args.output}")
     return 1 if failures else 0
 

@@ -51,6 +51,10 @@ def test_batch_segments_a_folder_and_reports_bad_cases(standalone, tiny_bundle, 
     names = [segmentation.GetSegmentation().GetNthSegment(i).GetName() for i in range(len(CLASSES))]
     assert names == [c["name"] for c in CLASSES]
     assert np.array_equal(labelmap_of(segmentation, volume), cli_outputs["labels"])
+    for cls in CLASSES:  # the table: one line per segment with its volume in mL
+        voxel_ml = np.prod(volume.GetSpacing()) / 1000
+        volume_ml = f"{(cli_outputs['labels'] == cls['value']).sum() * voxel_ml:.2f}"
+        assert any(cls["name"] in line and f" {volume_ml} " in line for line in result.stdout.splitlines()), cls
 
     # the uncertainty volume has the input's grid and the CLI's values
     uncertainty, image = sitk.ReadImage(str(out / "hippocampus_001_uncertainty.nrrd")), sitk.ReadImage(str(CASE))

@@ -16,6 +16,8 @@ from conftest import CASE, CLASSES, SEED, labelmap_of
 from DiffSegLib import scene as bridge
 from DiffSegLib.logic import ATTRIBUTE_PREFIX, SegmentationLogic
 
+from DiffSegCore.uncertainty import DISPLAY_RANGE
+
 SETTINGS = {"steps": 2, "ensemble": 2, "sampler": "ddim", "device": "cpu", "seed": SEED}
 
 
@@ -34,13 +36,12 @@ def test_process_matches_cli(scene, volume, tiny_bundle, cli_outputs, tmp_path):
     assert segmentation.GetNodeReference(segmentation.GetReferenceImageGeometryReferenceRole()) is volume
     assert np.array_equal(labelmap_of(segmentation, volume), cli_outputs["labels"])
 
-    # uncertainty: input geometry, the CLI's values, shown as a colour overlay over the range
+    # uncertainty: input geometry, the CLI's values, shown as a colour overlay on the one fixed scale
     assert bridge.same_geometry(uncertainty, volume, tol=0)
     assert np.allclose(bridge.array_from_volume(uncertainty), cli_outputs["uncertainty"])
     display = uncertainty.GetDisplayNode()
     assert display.GetColorNode().GetName() in bridge.UNCERTAINTY_COLOR_NAMES
-    low, high = uncertainty.GetImageData().GetScalarRange()
-    assert display.GetWindowLevelMin() == pytest.approx(low) and display.GetWindowLevelMax() == pytest.approx(high)
+    assert (display.GetWindowLevelMin(), display.GetWindowLevelMax()) == pytest.approx(DISPLAY_RANGE)
 
     # run settings travel with the nodes
     for node in (segmentation, uncertainty):

@@ -62,7 +62,8 @@ def test_every_widget_exists_with_its_class(app):
         assert declared.get(name) == cls, f"{name}: .ui declares {declared.get(name)}, DiffSeg.py expects {cls}"
         widget = panel.findChild(QtWidgets.QWidget, name)
         assert widget is not None, f"{name} missing from the loaded panel"
-        assert widget.metaObject().className() == CUSTOM_BASES.get(cls, cls)
+        # its declared base, or the class itself where the test adapter registered a stand-in (PySide6 keeps it)
+        assert widget.metaObject().className() in (CUSTOM_BASES.get(cls, cls), cls)
 
 
 def test_parameter_bindings_match_the_ui(app):
