@@ -240,6 +240,7 @@ def run_record(bundle: ModelBundle, inputs: list[Path], options: OutputOptions, 
         "torch": torch.__version__,
         "host": platform.node(),
         "peak_memory_bytes": peak_memory_bytes(device),
+        "memory": {**result.plan_record, "measured_peak_bytes": peak_memory_bytes(device)},
         "summary": {
             "voxels_per_class": {int(k): int(v) for k, v in zip(*np.unique(result.labels.numpy(), return_counts=True))},
             "mean_uncertainty": float(result.variance.mean()),
