@@ -18,7 +18,8 @@ import torch
 
 from DiffSegCore.errors import InputError, RuntimeFault
 from DiffSegCore.inference.ensemble import EnsembleResult, predict_volume
-from DiffSegCore.inference.plan import resolve_device
+from DiffSegCore.inference.memory import model_grid_shape
+from DiffSegCore.inference.plan import Plan, make_plan, resolve_device
 from DiffSegCore.io.preprocess import intensity_warnings, prepare_image, resample_like, resample_to_spacing
 from DiffSegCore.io.preview import write_preview
 from DiffSegCore.io.volumes import from_array, read_channels, read_volume, same_geometry, to_array, write_image_atomic
@@ -80,6 +81,13 @@ def read_preseg_labels(path: Path, reference: sitk.Image, num_classes: int, spac
         )
     labels = sitk.Cast(labels, sitk.sitkUInt8)
     return torch.from_numpy(sitk.GetArrayFromImage(resample_to_spacing(labels, spacing, is_label=True))).long()
+
+
+def plan_case(bundle: ModelBundle, inputs: list[Path], settings: RunSettings) -> tuple[tuple[int, ...], Plan]:
+    """The model-grid shape (z, y, x) of one case and the plan a run would take for it, without sampling."""
+    reference = read_channels(inputs)[0]
+    shape = model_grid_shape(reference.GetSize(), reference.GetSpacing(), bundle.meta.get("spacing"))
+    return shape, make_plan(bundle, shape, settings)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
