@@ -8,6 +8,7 @@ from pathlib import Path
 
 from DiffSegCore import settings
 from DiffSegCore.errors import InputError
+from DiffSegCore.events import NOTE
 from DiffSegCore.io.cases import collect_cases
 from DiffSegCore.progress import RunProgress
 
@@ -99,7 +100,7 @@ def _dry_run(bundle, cases: dict[str, list[Path]], run_settings: settings.RunSet
             f"({run_settings.ensemble} member(s) x {run_settings.steps} step(s))"
         )
         if progress.mode == "json":
-            progress.note(line)
+            progress.report(NOTE, line, dry_run={"case": name, "shape_zyx": list(shape), **plan.to_json()})
         else:
             print(line)
     progress.finish({}, {name: run_settings.to_json() for name in cases}, f"dry run: {len(cases)} case(s) planned")

@@ -80,7 +80,7 @@ class Plan:
         if self.batch > 1:
             return replace(self, batch=self.batch // 2)
         if self.window is None and self.smaller_window is not None:
-            return replace(self, window=self.smaller_window)
+            return replace(self, window=self.smaller_window, windows_per_batch=WINDOWS_PER_BATCH)
         if self.window is not None and self.windows_per_batch > 1:
             return replace(self, windows_per_batch=1)
         if self.device.type == "cuda":
@@ -123,9 +123,12 @@ def make_plan(bundle: ModelBundle, shape: tuple[int, ...], settings: RunSettings
         cap = " (capped by --max-memory)" if settings.max_memory is not None else ""
         cap += " (capped by DIFFSEG_MEMORY_LIMIT_MB)" if memory_limit_bytes() is not None else ""
         raise RuntimeFault(
-            f"not enough memory: the smallest plan needs about {least / GIB:.2f} GiB but the run may use "
-            f"{budget / GIB:.2f} GiB with {free / GIB:.2f} GiB free{cap}; close other programs, raise --max-memory "
-            "or use a machine with more memory"
+            f"not enough memory: the smallest plan needs about {_size(least)} but the run may use {_size(budget)} "
+            f"with {_size(free)} free{cap}; close other programs, raise --max-memory or use a machine with more memory"
         )
     smaller = windows[-1] if windows[-1] != shape else None
     return Plan(device, chosen.members_per_batch, chosen.window, smaller, chosen.windows_per_batch, chosen, int(budget))
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / GIB:.2f} GiB" if nbytes >= GIB / 10 else f"{nbytes / 2**20:.1f} MiB"
