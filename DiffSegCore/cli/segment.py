@@ -55,10 +55,10 @@ def run_segment(args: argparse.Namespace) -> int:
     # torch-heavy modules load here so that the other commands start fast.
     from DiffSegCore.inference.pipeline import OutputOptions, open_model, segment_case
 
-    cases = collect_cases(args.inputs)
-    progress = RunProgress(args.progress, len(cases))
     if args.output_dir is None and not args.dry_run:
         raise InputError("diffseg segment needs --output-dir (or --dry-run to see the plan only)")
+    cases = collect_cases(args.inputs)
+    progress = RunProgress(args.progress, len(cases))
     output_dir = None if args.dry_run else _output_folder(args.output_dir)
     bundle, run_settings = open_model(args.model, settings.chosen_from_args(args), progress)
     if args.dry_run:
@@ -96,7 +96,7 @@ def _dry_run(bundle, cases: dict[str, list[Path]], run_settings: settings.RunSet
         line = (
             f"{name}: {'x'.join(map(str, reversed(shape)))} voxels on the model's grid; plan: {plan.describe()}; "
             f"memory: about {estimate.peak_bytes / 2**30:.2f} GiB peak (the run may use {plan.budget_bytes / 2**30:.2f}"
-            f" GiB); expected sampling time: about {estimate.seconds:.0f} s "
+            f" GiB); expected sampling time: about {estimate.seconds:.1f} s "
             f"({run_settings.ensemble} member(s) x {run_settings.steps} step(s))"
         )
         if progress.mode == "json":

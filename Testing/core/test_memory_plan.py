@@ -204,3 +204,34 @@ def test_window_plans_give_the_same_members(bundled_case):
     four = members(Plan(cpu, 2, small, None, 4))
     torch.testing.assert_close(members(Plan(cpu, 2, small, None, 1)), four, rtol=0, atol=TOLERANCE)
     torch.testing.assert_close(members(Plan(cpu, 1, small, None, 3)), four, rtol=0, atol=TOLERANCE)
+
+
+# --- the estimate before the run, and beside the measured peak after it --------------------------------------------
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(cli, small_case, tmp_path):
+    from conftest import assert_one_line_error
+
+    out = tmp_path / "out"
+    text = cli("segment", small_case, "--model", BUNDLED, "--dry-run", "--max-memory", "3")
+    assert text.code == 0, text.err
+    assert "small_001: 20x24x16 voxels" in text.out and "plan: cpu, 5 member(s) per batch, full volume" in text.out
+    assert "GiB peak" in text.out and "expected sampling time" in text.out
+    events = cli("segment", small_case, "--model", BUNDLED, "--dry-run", "--progress", "json", "--output-dir", out).events
+    planned = next(event["dry_run"] for event in events if "dry_run" in event)
+    assert planned["shape_zyx"] == [16, 24, 20] and planned["members_per_batch"] == 5
+    assert 0 < planned["estimate"]["estimated_peak_bytes"] <= planned["budget_bytes"]
+    assert events[-1]["stage"] == "done" and not out.exists()
+    assert_one_line_error(cli("segment", small_case, "--model", BUNDLED), "--output-dir", "--dry-run")
+
+
+def test_run_record_keeps_the_estimate_beside_the_measured_peak(cli, small_case, tmp_path):
+    result = cli("segment", small_case, "--model", BUNDLED, "--output-dir", tmp_path, "--progress", "none",
+                 "--ensemble", 2, "--max-memory", "2")  # fmt: skip
+    assert result.code == 0, result.err
+    record = json.loads((tmp_path / "small_001_run.json").read_text())
+    memory = record["memory"]
+    assert record["settings"]["max_memory"] == 2.0
+    assert memory["members_per_batch"] == 2 and memory["window"] is None and memory["budget_bytes"] == 2 * GIB
+    assert memory["estimate"]["estimated_peak_bytes"] > PROCESS_BYTES
+    assert memory["measured_peak_bytes"] == record["peak_memory_bytes"] > 0
