@@ -40,7 +40,7 @@ FIXED_VALUES_PER_CLASS = 4.5
 # Measured network activation over the count of `network_values_per_voxel` (not all counted maps are alive at once).
 NETWORK_SLACK = 0.75
 # Network throughput, FLOP/s, for the expected time: the 2-core benchmark CPU (benchmarks/results/inference_cpu2.md);
-# a GPU at a modest share of its bf16 peak.
+# for a GPU an assumed 5% of a data-centre GPU's bf16 peak, not measured here (no GPU on the benchmark machine).
 FLOPS_PER_SECOND = {"cpu": 2.0e10, "cuda": 5.0e12}
 
 
@@ -290,10 +290,12 @@ def estimate_run(
 ) -> MemoryPlan | None:
     """The plan a run would choose, with its estimated peak memory and time, before the run and without torch.
 
-    For the Slicer panel: `meta` is the model's model.json, `size_xyz` and `spacing_xyz` the input volume's
-    dimensions and spacing (as a volume node gives them), `settings` the run's settings.RunSettings, `device`
-    cpu or cuda, `available` the free bytes (default: the host's free memory; pass the free GPU memory for
-    cuda). None means no plan fits: the run would stop with a not-enough-memory error.
+    For the Slicer panel: `meta` is the model's model.json (as exported, with the full network config),
+    `size_xyz` and `spacing_xyz` the input volume's dimensions and spacing (as a volume node gives them),
+    `settings` the run's settings.RunSettings, `device` cpu or cuda, `available` the free bytes (default:
+    the host's free memory; pass the free GPU memory for cuda). None means no plan fits: the run would
+    stop with a not-enough-memory error. With --window full the whole-volume plan comes back even when its
+    peak is above the budget (the run then warns).
     """
     shape = model_grid_shape(size_xyz, spacing_xyz, meta.get("spacing"))
     return plan_run(meta, shape, settings, device, host_available_bytes() if available is None else available)[0]
