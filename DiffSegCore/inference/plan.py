@@ -36,7 +36,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def memory_limit_bytes() -> int | None:
-    """The cap set by DIFFSEG_MEMORY_LIMIT_MB (for shared machines and tests), or None."""
+    """The free memory DIFFSEG_MEMORY_LIMIT_MB tells the planner to assume at most (shared machines, tests), or None."""
     value = os.environ.get("DIFFSEG_MEMORY_LIMIT_MB")
     if not value:
         return None
@@ -47,8 +47,7 @@ def memory_limit_bytes() -> int | None:
 
 
 def free_memory_bytes(device: torch.device) -> int:
-    """Memory the run may take: free GPU memory, or the host's (MemAvailable, within a cgroup limit);
-    capped by DIFFSEG_MEMORY_LIMIT_MB."""
+    """Free memory: on the GPU, or the host's (MemAvailable, within a cgroup limit); at most DIFFSEG_MEMORY_LIMIT_MB."""
     limit = memory_limit_bytes()
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else host_available_bytes()
     return free if limit is None else min(free, limit)
