@@ -23,6 +23,7 @@ from DiffSegCore.inference.memory import (
 )
 from DiffSegCore.resources import resource_path
 from DiffSegCore.settings import resolve
+from Testing.core.conftest import assert_one_line_error
 
 BUNDLED = resource_path("Models", "hippocampus")
 META = json.loads((BUNDLED / "model.json").read_text())
@@ -210,8 +211,6 @@ def test_window_plans_give_the_same_members(bundled_case):
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(cli, small_case, tmp_path):
-    from conftest import assert_one_line_error
-
     out = tmp_path / "out"
     text = cli("segment", small_case, "--model", BUNDLED, "--dry-run", "--max-memory", "3")
     assert text.code == 0, text.err
