@@ -129,6 +129,14 @@ SETTINGS: tuple[Setting, ...] = (
         minimum=1,
         maximum=64,
     ),
+    Setting(
+        "max_memory",
+        float,
+        None,
+        "most memory the run may plan to use, in GiB (default: a fifth of the free memory, or 80%% of a GPU's)",
+        minimum=0.1,
+        maximum=4096,
+    ),
     Setting("per_class_variance", bool, False, "also record the variance per class in the run record"),
 )
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
@@ -148,6 +156,7 @@ class RunSettings:
     device: str
     window: str
     members_per_batch: int | None
+    max_memory: float | None
     per_class_variance: bool
 
     def to_json(self) -> dict:

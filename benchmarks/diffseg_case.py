@@ -25,7 +25,7 @@ from monai.data.utils import dense_patch_slices
 
 from DiffSegCore.inference import predictor
 from DiffSegCore.inference.ensemble import predict_volume
-from DiffSegCore.inference.plan import make_plan, member_bytes
+from DiffSegCore.inference.plan import make_plan
 from DiffSegCore.models.bundle import ModelBundle, load_bundle
 from DiffSegCore.networks.unet import build_network, network_defaults
 from DiffSegCore.settings import resolve
@@ -102,7 +102,6 @@ def measure(config: dict) -> dict:
     eval_shape = plan.window or shape
     flops, activations = network_cost(bundle.network, bundle.network.in_channels, eval_shape)
     windows = window_count(shape, plan.window) if plan.window else 1
-    estimate = member_bytes(bundle.network, eval_shape, 2 if device.type == "cuda" else 4)
     return {
         "device": str(device),
         "shape_zyx": list(shape),
@@ -117,7 +116,7 @@ def measure(config: dict) -> dict:
         "baseline_bytes": baseline,
         "flops_per_member_eval": flops * windows,
         "predicted_activation_bytes_per_member": activations,
-        "planner_member_bytes": estimate,
+        "planner_peak_bytes": plan.estimate.peak_bytes,
         "params": sum(p.numel() for p in bundle.network.parameters()),
         "widths": bundle.network.config["widths"],
     }

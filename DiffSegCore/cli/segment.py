@@ -8,6 +8,7 @@ from pathlib import Path
 
 from DiffSegCore import settings
 from DiffSegCore.errors import InputError
+from DiffSegCore.events import NOTE
 from DiffSegCore.io.cases import collect_cases
 from DiffSegCore.progress import RunProgress
 
@@ -26,12 +27,17 @@ def add_segment_parser(subparsers) -> None:
         help=f"bundle folder/.zip or registry id[@version] (default {settings.DEFAULT_MODEL})",
     )
     settings.add_arguments(p)
-    p.add_argument("--output-dir", required=True, type=Path)
+    p.add_argument("--output-dir", type=Path, help="where the outputs go (required unless --dry-run)")
     p.add_argument("--save-probabilities", action="store_true", help="also write mean class probabilities and entropy")
     p.add_argument("--save-members", action="store_true", help="also write each member's label map")
     p.add_argument("--preview", action="store_true", help="also write a PNG montage of the result")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs of the same case")
     p.add_argument("--progress", default="text", choices=["text", "json", "none"])
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print each case's plan, memory estimate and expected time; sample nothing, write nothing",
+    )
     p.set_defaults(func=run_segment)
 
 
@@ -49,19 +55,18 @@ def run_segment(args: argparse.Namespace) -> int:
     # torch-heavy modules load here so that the other commands start fast.
     from DiffSegCore.inference.pipeline import OutputOptions, open_model, segment_case
 
+    if args.output_dir is None and not args.dry_run:
+        raise InputError("diffseg segment needs --output-dir (or --dry-run to see the plan only)")
     cases = collect_cases(args.inputs)
     progress = RunProgress(args.progress, len(cases))
-    output_dir = _output_folder(args.output_dir)
+    output_dir = None if args.dry_run else _output_folder(args.output_dir)
     bundle, run_settings = open_model(args.model, settings.chosen_from_args(args), progress)
-    expected = len(bundle.meta["channels"])
+    if args.dry_run:
+        return _dry_run(bundle, cases, run_settings, progress)
     options = OutputOptions(args.save_probabilities, args.save_members, args.preview, args.overwrite)
     written, ran = {}, {}
     for index, (name, paths) in enumerate(cases.items()):
-        if len(paths) != expected:
-            raise InputError(
-                f"case {name} has {len(paths)} channel file(s) but model {bundle.meta['id']} needs {expected}; "
-                "name channel files <case>_0000, <case>_0001, ..."
-            )
+        _check_channels(name, paths, bundle.meta)
         progress.start_case(index, name)
         outputs, case_settings = segment_case(bundle, paths, name, output_dir, run_settings, options, progress)
         written[name] = {key: str(path) for key, path in outputs.items()}
@@ -69,4 +74,35 @@ def run_segment(args: argparse.Namespace) -> int:
         for key, path in outputs.items():  # every file written, not only the segmentation
             progress.result(f"{name} {key}: {path}")
     progress.finish(written, ran, f"{len(cases)} case(s) segmented")
+    return 0
+
+
+def _check_channels(name: str, paths: list[Path], meta: dict) -> None:
+    expected = len(meta["channels"])
+    if len(paths) != expected:
+        raise InputError(
+            f"case {name} has {len(paths)} channel file(s) but model {meta['id']} needs {expected}; "
+            "name channel files <case>_0000, <case>_0001, ..."
+        )
+
+
+def _dry_run(bundle, cases: dict[str, list[Path]], run_settings: settings.RunSettings, progress: RunProgress) -> int:
+    """Print each case's plan, estimated peak memory and expected sampling time (`--dry-run`)."""
+    from DiffSegCore.inference.pipeline import plan_case
+
+    for name, paths in cases.items():
+        _check_channels(name, paths, bundle.meta)
+        shape, plan = plan_case(bundle, paths, run_settings)
+        estimate = plan.estimate
+        line = (
+            f"{name}: {'x'.join(map(str, reversed(shape)))} voxels on the model's grid; plan: {plan.describe()}; "
+            f"memory: about {estimate.peak_bytes / 2**30:.2f} GiB peak (the run may use {plan.budget_bytes / 2**30:.2f}"
+            f" GiB); expected sampling time: about {estimate.seconds:.1f} s "
+            f"({run_settings.ensemble} member(s) x {run_settings.steps} step(s))"
+        )
+        if progress.mode == "json":
+            progress.report(NOTE, line, dry_run={"case": name, "shape_zyx": list(shape), **plan.to_json()})
+        else:
+            print(line)
+    progress.finish({}, {name: run_settings.to_json() for name in cases}, f"dry run: {len(cases)} case(s) planned")
     return 0

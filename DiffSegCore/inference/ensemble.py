@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -26,6 +26,7 @@ class EnsembleResult:
     member_labels: torch.Tensor | None = None
     plan: str = ""  # the plan the members ran with (after any out-of-memory fallback)
     device: str = "cpu"
+    plan_record: dict = field(default_factory=dict)  # that plan and its memory estimate (Plan.to_json)
 
 
 class EnsembleAccumulator:
@@ -110,6 +111,11 @@ def predict_volume(
     plan = make_plan(bundle, tuple(image.shape[1:]), settings)
     if plan.window is not None and settings.window == "auto":
         progress.note(f"the whole volume does not fit in the memory at hand; running {plan.describe()}")
+    if plan.estimate is not None and plan.budget_bytes is not None and plan.estimate.peak_bytes > plan.budget_bytes:
+        progress.note(
+            f"warning: {plan.describe()} needs about {plan.estimate.peak_bytes / 2**30:.1f} GiB, more than the "
+            f"{plan.budget_bytes / 2**30:.1f} GiB the run should use; leave --window and --members-per-batch to the planner"
+        )
     while True:
         try:
             return _run_plan(bundle, image, settings, preseg_mask, plan, progress, keep_members)
@@ -159,4 +165,4 @@ def _run_plan(
 
         accumulator.add(bundle_members(bundle, cond, settings, plan, first, count, preseg_mask, on_step))
     progress.report("reduce", "mean and uncertainty", within=1.0)
-    return replace(accumulator.result(), plan=plan.describe(), device=plan.device.type)
+    return replace(accumulator.result(), plan=plan.describe(), device=plan.device.type, plan_record=plan.to_json())

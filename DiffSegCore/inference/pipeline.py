@@ -18,7 +18,8 @@ import torch
 
 from DiffSegCore.errors import InputError, RuntimeFault
 from DiffSegCore.inference.ensemble import EnsembleResult, predict_volume
-from DiffSegCore.inference.plan import resolve_device
+from DiffSegCore.inference.memory import model_grid_shape
+from DiffSegCore.inference.plan import Plan, make_plan, resolve_device
 from DiffSegCore.inference.review import segment_review
 from DiffSegCore.io.atomic import owned_prefix, remove_orphans
 from DiffSegCore.io.preprocess import prepare_image, resample_like, resample_to_spacing
@@ -84,6 +85,13 @@ def read_preseg_labels(path: Path, reference: sitk.Image, num_classes: int, spac
         )
     labels = sitk.Cast(labels, sitk.sitkUInt8)
     return torch.from_numpy(sitk.GetArrayFromImage(resample_to_spacing(labels, spacing, is_label=True))).long()
+
+
+def plan_case(bundle: ModelBundle, inputs: list[Path], settings: RunSettings) -> tuple[tuple[int, ...], Plan]:
+    """The model-grid shape (z, y, x) of one case and the plan a run would take for it, without sampling."""
+    reference = read_channels(inputs)[0]
+    shape = model_grid_shape(reference.GetSize(), reference.GetSpacing(), bundle.meta.get("spacing"))
+    return shape, make_plan(bundle, shape, settings)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -247,6 +255,7 @@ def run_record(bundle: ModelBundle, inputs: list[Path], options: OutputOptions, 
         "torch": torch.__version__,
         "host": platform.node(),
         "peak_memory_bytes": peak_memory_bytes(device),
+        "memory": {**result.plan_record, "measured_peak_bytes": peak_memory_bytes(device)},
         "summary": {
             "voxels_per_class": {int(k): int(v) for k, v in zip(*np.unique(result.labels.numpy(), return_counts=True))},
             "mean_uncertainty": float(result.variance.mean()),

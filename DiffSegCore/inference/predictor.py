@@ -25,7 +25,11 @@ def on_device(network: UNet3D, device: torch.device) -> UNet3D:
 
 
 def evaluate_network(
-    network: UNet3D, x: torch.Tensor, t: torch.Tensor | None, window: tuple[int, ...] | None
+    network: UNet3D,
+    x: torch.Tensor,
+    t: torch.Tensor | None,
+    window: tuple[int, ...] | None,
+    windows_per_batch: int = WINDOWS_PER_BATCH,
 ) -> torch.Tensor:
     """One network evaluation on the whole volume, or by MONAI's sliding window (Gaussian blending).
 
@@ -34,6 +38,7 @@ def evaluate_network(
         x: input (B, C, *S): conditioning channels, then the noisy mask for a diffusion network.
         t: time steps (B,), or None for the plain pre-segmentation U-Net.
         window: sliding-window size (z, y, x), or None for the whole volume.
+        windows_per_batch: sliding windows evaluated at once.
 
     Returns:
         The raw output (B, K, *S) in float32.
@@ -47,7 +52,7 @@ def evaluate_network(
             patch_t = None if t is None else t[:1].expand(patch.shape[0])
             return network(patch.contiguous(memory_format=layout), patch_t)
 
-        return sliding_window_inference(x, window, WINDOWS_PER_BATCH, predictor, overlap=0.25, mode="gaussian").float()
+        return sliding_window_inference(x, window, windows_per_batch, predictor, overlap=0.25, mode="gaussian").float()
 
 
 def conditioning(network: UNet3D, image: torch.Tensor) -> torch.Tensor:
@@ -66,7 +71,7 @@ def presegment(bundle: ModelBundle, image: torch.Tensor, plan: Plan) -> torch.Te
     network = on_device(bundle.preseg_network, plan.device)
     with torch.inference_mode():
         x = conditioning(network, image)[None].to(plan.device)
-        return evaluate_network(network, x, None, plan.window)[0].argmax(0).cpu()
+        return evaluate_network(network, x, None, plan.window, plan.windows_per_batch)[0].argmax(0).cpu()
 
 
 def sampling_schedule(diffusion: dict, steps: int, start_step: int | None = None) -> NoiseSchedule:
@@ -88,6 +93,7 @@ def sample_members(
     first: int,
     count: int,
     window: tuple[int, ...] | None = None,
+    windows_per_batch: int = WINDOWS_PER_BATCH,
     start: torch.Tensor | None = None,
     on_step: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
@@ -100,6 +106,7 @@ def sample_members(
         prediction, sampler, eta: the model's prediction type and the sampler's settings.
         seed, first, count: member k's noise depends on (seed, k) only, not on batching or device.
         window: sliding-window size, or None for the whole volume.
+        windows_per_batch: sliding windows evaluated at once.
         start: a pre-segmentation (*S) to start from (PD-DDPM), or None for pure noise.
         on_step: called with (step, steps) after each step.
 
@@ -114,7 +121,7 @@ def sample_members(
     x = initial_state(schedule, shape, generators, cond_b, mask)
 
     def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return evaluate_network(network, torch.cat([cond_b, x_t.to(cond_b.dtype)], dim=1), t, window)
+        return evaluate_network(network, torch.cat([cond_b, x_t.to(cond_b.dtype)], dim=1), t, window, windows_per_batch)
 
     with torch.inference_mode():
         return sample(
@@ -146,6 +153,7 @@ def bundle_members(
         first=first,
         count=count,
         window=plan.window,
+        windows_per_batch=plan.windows_per_batch,
         start=preseg,
         on_step=on_step,
     )

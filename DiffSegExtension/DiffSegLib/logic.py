@@ -312,6 +312,7 @@ class SegmentationLogic:
         preseg_step: int | None = None,
         device: str | None = None,
         seed: int | None = None,
+        max_memory: float | None = None,
         outputSegmentationNode=None,
         outputUncertaintyNode=None,
         saveMembers: bool = False,
@@ -323,7 +324,7 @@ class SegmentationLogic:
     ):
         """Segment `inputVolumeNodes` (one node or a list of channels) with `model` (bundle path or id).
 
-        steps, ensemble, sampler, preseg_step and device are the run settings of DiffSegCore/settings.py
+        steps, ensemble, sampler, preseg_step, device and max_memory are the run settings of DiffSegCore/settings.py
         (same names); None takes the model's default. `seed` None draws a random seed (recorded on the
         outputs). `preseg` is None/"none", "model" (the bundle's own network) or a segmentation / label
         map node. An existing segmentation node that already has segments is only replaced when
@@ -337,7 +338,7 @@ class SegmentationLogic:
         seed = random.randrange(2**31) if seed is None else seed
         chosen = {"steps": steps, "ensemble": ensemble, "sampler": sampler, "preseg_step": preseg_step}
         from_node = preseg not in (None, *run_settings.PRESEG_SOURCES)
-        chosen.update(device=device, seed=seed, preseg=None if from_node else (preseg or "none"))
+        chosen.update(device=device, seed=seed, max_memory=max_memory, preseg=None if from_node else (preseg or "none"))
         chosen = {name: value for name, value in chosen.items() if value is not None}
         try:
             flags = run_settings.to_flags(chosen)  # each value checked against its setting

@@ -32,7 +32,7 @@ from DiffSegCore.io.cases import VOLUME_SUFFIXES, group_by_case, volume_files  #
 from DiffSegCore.models.registry import resolve_model  # noqa: E402
 
 # The run settings a batch takes (settings.py); a pre-segmentation here can only come from the model.
-BATCH_SETTINGS = ("steps", "ensemble", "sampler", "preseg", "preseg_step", "device", "seed")
+BATCH_SETTINGS = ("steps", "ensemble", "sampler", "preseg", "preseg_step", "device", "seed", "max_memory")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -39,7 +39,12 @@ MAX_TOP_LEVEL = 8
 SLICER_SIDE = ("slicer", "qt", "vtk", "vtkmodules", "ctk", "PythonQt", "DiffSegLib", "DiffSeg", "SampleData")
 HEAVY = ("torch", "monai")
 # Core modules above layer 0 that the GUI process may import: torch-free by design.
-GUI_ALLOWED = ("DiffSegCore.io.cases", "DiffSegCore.models.registry", "DiffSegCore.models.metadata")
+GUI_ALLOWED = (
+    "DiffSegCore.io.cases",
+    "DiffSegCore.models.registry",
+    "DiffSegCore.models.metadata",
+    "DiffSegCore.inference.memory",
+)
 
 
 # --- reading the imports -------------------------------------------------------------------------------------------

@@ -62,7 +62,8 @@ def test_out_of_memory_retries_with_fewer_members_then_a_sliding_window(
     notes = [event["message"] for event in result.events if event["stage"] == "note"]
     assert notes == [
         "out of memory with cpu, 2 member(s) per batch, full volume; retrying with cpu, 1 member(s) per batch, full volume",
-        "out of memory with cpu, 1 member(s) per batch, full volume; retrying with cpu, 1 member(s) per batch, sliding window 16x16x16",
+        "out of memory with cpu, 1 member(s) per batch, full volume; retrying with cpu, 1 member(s) per batch, "
+        "sliding window 16x16x16, 4 window(s) per batch",
     ]
     assert result.events[-1]["stage"] == "done"
     assert sorted(folder_entries(tmp_path)) == [
@@ -85,8 +86,9 @@ def test_out_of_memory_chain_ends_on_the_cpu():
         "cuda, 4 member(s) per batch, full volume",
         "cuda, 2 member(s) per batch, full volume",
         "cuda, 1 member(s) per batch, full volume",
-        "cuda, 1 member(s) per batch, sliding window 64x64x48",
-        "cpu, 1 member(s) per batch, sliding window 64x64x48",
+        "cuda, 1 member(s) per batch, sliding window 64x64x48, 4 window(s) per batch",
+        "cuda, 1 member(s) per batch, sliding window 64x64x48, 1 window(s) per batch",
+        "cpu, 1 member(s) per batch, sliding window 64x64x48, 1 window(s) per batch",
     ]
     # A volume no larger than the model's window gains nothing from a sliding window.
     assert chain(Plan(torch.device("cuda"), 1, None, None)) == [
