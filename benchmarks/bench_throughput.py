@@ -48,6 +48,7 @@ from DiffSegCore.networks.unet import UNet3D, build_network
 from DiffSegCore.settings import DEVICES
 
 CONV_CHANNELS, CONV_SIZE = 32, 64
+CONV_CALLS_PER_ROUND = 5  # one convolution takes 0.03-0.2 s: more samples for its minimum
 # path name -> (--precision, freed memory kept for reuse); "today" is the core before issue 16.
 PATHS = {
     "today": ("float32", False),
@@ -158,7 +159,7 @@ def measure(args: argparse.Namespace, device: torch.device) -> dict:
             for key, run in convs.items():
                 keep_freed_memory()
                 run()  # the first call after a thread change re-creates oneDNN's thread pool
-                conv_times[threads, key].append(timed(run, device))
+                conv_times[threads, key] += [timed(run, device) for _ in range(CONV_CALLS_PER_ROUND)]
             for i, case in enumerate(nets):
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
