@@ -129,7 +129,7 @@ def network_cases(device: torch.device, compile_fast: bool) -> tuple[list[dict],
         if compile_fast:
             paths["fast + torch.compile"] = PATHS["fast (the core now)"]
         for path, (precision, keep) in paths.items():
-            net = torch.compile(network) if "compile" in path else network
+            net = torch.compile(network, dynamic=False) if "compile" in path else network
 
             def run(net=net, x=x, t=t, precision=precision, keep=keep) -> torch.Tensor:
                 keep_freed_memory(keep)
