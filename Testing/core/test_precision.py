@@ -93,7 +93,7 @@ print(min(faults[-4:]))
 """
 
 
-def page_faults_of_a_second_feature_map(keep: bool) -> int:
+def page_faults_of_a_settled_feature_map(keep: bool) -> int:
     """Fewest minor page faults while one of the last 4 of 12 64 MB tensors in a row is written (the heap
     settles after the first few: memory-aligned blocks need a little more than their own size)."""
     command = [sys.executable, "-c", PAGE_FAULTS, "keep" if keep else "default"]
@@ -103,5 +103,5 @@ def page_faults_of_a_second_feature_map(keep: bool) -> int:
 
 def test_kept_memory_is_reused_without_page_faults():
     pages = 64 * 2**20 // 4096
-    assert page_faults_of_a_second_feature_map(keep=False) > pages // 2  # given back and faulted in again
-    assert page_faults_of_a_second_feature_map(keep=True) < pages // 20  # reused
+    assert page_faults_of_a_settled_feature_map(keep=False) > pages // 2  # given back and faulted in again
+    assert page_faults_of_a_settled_feature_map(keep=True) < pages // 20  # reused
