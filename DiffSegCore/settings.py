@@ -21,6 +21,7 @@ DEFAULT_MODEL = "hippocampus-recycling-x0"
 SAMPLERS = ("ddim", "ddpm")
 DEVICES = ("auto", "cpu", "cuda")
 WINDOWS = ("auto", "full", "sliding")
+PRECISIONS = ("auto", "float32", "bf16")
 PRESEG_SOURCES = ("none", "model")  # or the path of a label map to start from
 
 
@@ -122,6 +123,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("device", str, "auto", "where to run: auto (a CUDA GPU if there is one), cpu or cuda", choices=DEVICES),
     Setting("window", str, "auto", "full volume, sliding window, or auto (as memory allows)", choices=WINDOWS),
     Setting(
+        "precision",
+        str,
+        "auto",
+        "network arithmetic: float32, bf16, or auto (bf16 on GPUs and on CPUs with native bf16, else float32)",
+        choices=PRECISIONS,
+    ),
+    Setting(
         "members_per_batch",
         int,
         None,
@@ -155,6 +163,7 @@ class RunSettings:
     seed: int
     device: str
     window: str
+    precision: str
     members_per_batch: int | None
     max_memory: float | None
     per_class_variance: bool

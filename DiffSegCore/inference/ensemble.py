@@ -146,7 +146,7 @@ def _run_plan(
     cond = conditioning(bundle.network, image)
     if settings.preseg == "model" and preseg_mask is None:
         progress.report("preseg", "pre-segmentation network")
-        preseg_mask = presegment(bundle, image, plan)
+        preseg_mask = presegment(bundle, image, plan, settings.precision)
     accumulator = EnsembleAccumulator(settings.per_class_variance, keep_members)
     ensemble = settings.ensemble
     for first in range(0, ensemble, plan.batch):

@@ -14,13 +14,17 @@ from DiffSegCore.errors import InputError
 from DiffSegCore.inference.plan import WINDOWS_PER_BATCH, Plan
 from DiffSegCore.io.preprocess import coordinate_channels
 from DiffSegCore.models.bundle import ModelBundle
-from DiffSegCore.networks.precision import autocast, memory_format
+from DiffSegCore.networks.allocator import keep_freed_memory
+from DiffSegCore.networks.precision import inference_autocast, memory_format
 from DiffSegCore.networks.unet import UNet3D
 from DiffSegCore.settings import RunSettings
 
 
 def on_device(network: UNet3D, device: torch.device) -> UNet3D:
-    """The network on `device`, in the memory layout that is fastest there."""
+    """The network on `device`, in the memory layout that is fastest there; on the CPU, freed feature
+    maps are kept for reuse (networks/allocator.py)."""
+    if device.type == "cpu":
+        keep_freed_memory()
     return network.to(device=device, memory_format=memory_format(device))
 
 
@@ -30,6 +34,7 @@ def evaluate_network(
     t: torch.Tensor | None,
     window: tuple[int, ...] | None,
     windows_per_batch: int = WINDOWS_PER_BATCH,
+    precision: str = "auto",
 ) -> torch.Tensor:
     """One network evaluation on the whole volume, or by MONAI's sliding window (Gaussian blending).
 
@@ -39,12 +44,13 @@ def evaluate_network(
         t: time steps (B,), or None for the plain pre-segmentation U-Net.
         window: sliding-window size (z, y, x), or None for the whole volume.
         windows_per_batch: sliding windows evaluated at once.
+        precision: the run's --precision (networks/precision.py: inference_autocast).
 
     Returns:
         The raw output (B, K, *S) in float32.
     """
     layout = memory_format(x.device)
-    with autocast(x.device):
+    with inference_autocast(x.device, precision):
         if window is None:
             return network(x.contiguous(memory_format=layout), t).float()
 
@@ -62,7 +68,7 @@ def conditioning(network: UNet3D, image: torch.Tensor) -> torch.Tensor:
     return image
 
 
-def presegment(bundle: ModelBundle, image: torch.Tensor, plan: Plan) -> torch.Tensor:
+def presegment(bundle: ModelBundle, image: torch.Tensor, plan: Plan, precision: str = "auto") -> torch.Tensor:
     """Label map (*S) from the bundle's plain U-Net (PD-DDPM pre-segmentation) of a (C, *S) image."""
     if bundle.preseg_network is None:
         raise InputError(
@@ -71,7 +77,7 @@ def presegment(bundle: ModelBundle, image: torch.Tensor, plan: Plan) -> torch.Te
     network = on_device(bundle.preseg_network, plan.device)
     with torch.inference_mode():
         x = conditioning(network, image)[None].to(plan.device)
-        return evaluate_network(network, x, None, plan.window, plan.windows_per_batch)[0].argmax(0).cpu()
+        return evaluate_network(network, x, None, plan.window, plan.windows_per_batch, precision)[0].argmax(0).cpu()
 
 
 def sampling_schedule(diffusion: dict, steps: int, start_step: int | None = None) -> NoiseSchedule:
@@ -94,6 +100,7 @@ def sample_members(
     count: int,
     window: tuple[int, ...] | None = None,
     windows_per_batch: int = WINDOWS_PER_BATCH,
+    precision: str = "auto",
     start: torch.Tensor | None = None,
     on_step: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
@@ -107,6 +114,7 @@ def sample_members(
         seed, first, count: member k's noise depends on (seed, k) only, not on batching or device.
         window: sliding-window size, or None for the whole volume.
         windows_per_batch: sliding windows evaluated at once.
+        precision: float32, bf16 or auto (see evaluate_network).
         start: a pre-segmentation (*S) to start from (PD-DDPM), or None for pure noise.
         on_step: called with (step, steps) after each step.
 
@@ -121,7 +129,9 @@ def sample_members(
     x = initial_state(schedule, shape, generators, cond_b, mask)
 
     def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return evaluate_network(network, torch.cat([cond_b, x_t.to(cond_b.dtype)], dim=1), t, window, windows_per_batch)
+        return evaluate_network(
+            network, torch.cat([cond_b, x_t.to(cond_b.dtype)], dim=1), t, window, windows_per_batch, precision
+        )
 
     with torch.inference_mode():
         return sample(
@@ -154,6 +164,7 @@ def bundle_members(
         count=count,
         window=plan.window,
         windows_per_batch=plan.windows_per_batch,
+        precision=settings.precision,
         start=preseg,
         on_step=on_step,
     )
