@@ -124,7 +124,7 @@ def network_cases(device: torch.device, compile_fast: bool) -> tuple[list[dict],
         t = torch.full((shape[0],), 1, device=device)
         with torch.inference_mode():
             flops = count_flops(lambda network=network, x=x, t=t: network(x, t))
-            reference = evaluate_network(network, x, t, None, "float32").cpu()
+            reference = evaluate_network(network, x, t, None, precision="float32").cpu()
         paths = dict(PATHS)
         if compile_fast:
             paths["fast + torch.compile"] = PATHS["fast (the core now)"]
@@ -134,7 +134,7 @@ def network_cases(device: torch.device, compile_fast: bool) -> tuple[list[dict],
             def run(net=net, x=x, t=t, precision=precision, keep=keep) -> torch.Tensor:
                 keep_freed_memory(keep)
                 with torch.inference_mode():
-                    return evaluate_network(net, x, t, None, precision)
+                    return evaluate_network(net, x, t, None, precision=precision)
 
             start = time.perf_counter()
             out = run().cpu()  # warm-up: oneDNN primitives, compilation

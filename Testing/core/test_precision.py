@@ -36,7 +36,7 @@ def outputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     with torch.inference_mode():
         reference = network(x, t)  # default layout, float32, as loaded
         fast = on_device(network, CPU)
-        return reference, evaluate_network(fast, x, t, None, "float32"), evaluate_network(fast, x, t, None, "bf16")
+        return reference, evaluate_network(fast, x, t, None, precision="float32"), evaluate_network(fast, x, t, None, precision="bf16")
 
 
 def test_float32_fast_path_equals_the_plain_float32_evaluation():
