@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from DiffSegCore.diffusion.schedules import training_schedule
 from DiffSegCore.errors import InputError
 from DiffSegCore.evaluation.metrics import dice_per_class
 from DiffSegCore.inference.predictor import conditioning, evaluate_network, sample_members, sampling_schedule
+from DiffSegCore.inference.ranks import setup_distributed
 from DiffSegCore.io.atomic import atomic_path, write_text
 from DiffSegCore.networks.precision import autocast
 from DiffSegCore.networks.unet import build_network
@@ -40,35 +40,6 @@ from DiffSegCore.training.samples import TrainingSamples
 CHECKPOINT = "checkpoint.safetensors"
 BEST = "best.safetensors"
 CONFIG = "config.json"
-
-
-@dataclass
-class Distributed:
-    """This process's place in a torchrun group (rank 0 of 1 without torchrun) and its device."""
-
-    rank: int = 0
-    world: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device: str) -> Distributed:
-    """Join the torchrun process group when launched by torchrun, else a single process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
-    if world == 1:
-        return Distributed(device=torch.device("cuda" if use_cuda else "cpu"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if use_cuda:
-        torch.cuda.set_device(local)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return Distributed(dist.get_rank(), world, torch.device(f"cuda:{local}" if use_cuda else "cpu"))
 
 
 def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
