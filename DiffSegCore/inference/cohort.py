@@ -44,6 +44,7 @@ class CaseOutcome:
     outputs: dict[str, str] = field(default_factory=dict)
     settings: dict | None = None
     message: str = ""
+    rank: int = 0  # the torchrun rank that ran (or skipped) it
     error: Exception | None = field(default=None, repr=False)  # what made it fail, in the process it ran in
 
 
@@ -197,6 +198,7 @@ def segment_cases(
 
 def gather_outcomes(group: Distributed, mine: list[CaseOutcome]) -> list[CaseOutcome]:
     """Every rank's outcomes, sorted by case name; this rank's keep their errors (others' arrive without)."""
+    mine = [replace(o, rank=group.rank) for o in mine]
     local = {o.name: o for o in mine}
     parts = group.gather([replace(o, error=None) for o in mine])  # errors may not pickle
     return sorted((local.get(o.name, o) for part in parts for o in part), key=lambda o: o.name)
@@ -229,6 +231,7 @@ def cohort_row(outcome: CaseOutcome) -> dict:
         row["mean_uncertainty"] = float(f"{record['summary']['mean_uncertainty']:.4g}")
     if "review" in record:  # per-segment review figures, when the run record carries them
         _flatten("review", record["review"], row)
+    row["rank"] = outcome.rank
     row["message"] = outcome.message
     return row
 
