@@ -5,16 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 import traceback
-from datetime import timedelta
 from pathlib import Path
 
 from DiffSegCore import settings
 from DiffSegCore.errors import CasesFailed, InputError, one_line
 from DiffSegCore.io.cases import collect_cases
 from DiffSegCore.progress import RunProgress
-
-# Under torchrun, a rank that has finished its cases waits this long for the others at the end.
-RANK_TIMEOUT = timedelta(days=2)
 
 
 def add_segment_parser(subparsers) -> None:
@@ -64,7 +60,7 @@ def run_segment(args: argparse.Namespace) -> int:
         write_cohort_table,
     )
     from DiffSegCore.inference.pipeline import OutputOptions, open_model
-    from DiffSegCore.inference.ranks import leave_group, setup_distributed
+    from DiffSegCore.inference.ranks import RANK_TIMEOUT, leave_group, setup_distributed
 
     cases = collect_cases(args.inputs)
     output_dir = _output_folder(args.output_dir)

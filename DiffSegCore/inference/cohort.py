@@ -176,7 +176,7 @@ def segment_cases(
             sampled = None
             if prepared is not None:
                 for warning in prepared.warnings:
-                    progress.note(f"warning: {name}: {warning}")
+                    progress.note(f"warning: {warning}")
                 try:
                     sampled = sample_case(bundle, prepared, settings, progress, options.save_members)
                 except Exception as exc:

@@ -17,6 +17,8 @@ import torch.distributed as dist
 from DiffSegCore.errors import InputError
 
 _Item = TypeVar("_Item")
+# A folder run's rank that has finished its cases waits this long for the others (torch's default is 30 min).
+RANK_TIMEOUT = timedelta(days=2)
 
 
 @dataclass

@@ -4,6 +4,7 @@ one cohort table, reading and writing overlapped with the network, and the case 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import signal
@@ -18,6 +19,7 @@ from DiffSegCore.inference.pipeline import OutputOptions, open_model
 from DiffSegCore.io.cases import collect_cases
 from DiffSegCore.progress import RunProgress
 from Testing.core.conftest import REPO, assert_one_line_error, folder_entries
+from Testing.core.training_helpers import CASES, copy_cases, run_training_command
 
 FAST = ("--steps", 1, "--ensemble", 2, "--progress", "none")
 
@@ -135,12 +137,11 @@ def test_overlapped_reading_and_writing_give_the_same_outputs(tiny_bundle, small
         np.testing.assert_array_equal(overlapped, plain)
 
 
-def torchrun_segment(data, out, bundle) -> subprocess.CompletedProcess:
-    """`torchrun --nproc-per-node 2 -m DiffSegCore segment ...`: two real gloo processes on the CPU."""
+def torchrun(*args, home) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node 2 -m DiffSegCore ARGS`: two real gloo processes on the CPU."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "DiffSegCore", "segment", str(data), "--model", str(bundle), "--output-dir", str(out),
-               "--steps", "1", "--ensemble", "2", "--device", "cpu", "--progress", "json"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DIFFSEG_HOME": str(out.parent / "home")}
+               "-m", "DiffSegCore", *map(str, args)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DIFFSEG_HOME": str(home)}
     process = subprocess.Popen(
         command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
@@ -150,6 +151,11 @@ def torchrun_segment(data, out, bundle) -> subprocess.CompletedProcess:
         os.killpg(process.pid, signal.SIGKILL)  # the ranks too, not only the launcher
         raise
     return subprocess.CompletedProcess(command, process.returncode, out, err)
+
+
+def torchrun_segment(data, out, bundle) -> subprocess.CompletedProcess:
+    return torchrun("segment", data, "--model", bundle, "--output-dir", out, "--steps", 1, "--ensemble", 2,
+                    "--device", "cpu", "--progress", "json", home=out.parent / "home")  # fmt: skip
 
 
 def test_torchrun_splits_the_cases_between_two_gloo_ranks_and_resumes(tiny_bundle, small_case, tmp_path):
@@ -172,3 +178,17 @@ def test_torchrun_splits_the_cases_between_two_gloo_ranks_and_resumes(tiny_bundl
     assert {n: r["status"] for n, r in table(out).items()} == {
         "a": "complete", "b": "complete", "c": "complete", "d": "segmented", "e": "complete"
     }  # fmt: skip
+
+
+def test_torchrun_evaluate_merges_the_ranks_into_the_one_process_report(hippocampus_dir, tiny_bundle, tmp_path):
+    data = copy_cases(hippocampus_dir, tmp_path / "data", CASES[:3])
+    common = ["--model", tiny_bundle, "--images", data / "imagesTr", "--labels", data / "labelsTr",
+              "--steps", 1, "--ensemble", 2, "--device", "cpu"]  # fmt: skip
+    ranked = torchrun("evaluate", *common, "--json", tmp_path / "ranked.json", home=tmp_path / "home")
+    assert ranked.returncode == 0, ranked.stderr[-3000:]
+    assert run_training_command("evaluate", *common, "--json", tmp_path / "single.json") == 0
+    merged, single = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("ranked", "single"))
+    assert [r["case"] for r in merged["cases"]] == sorted(CASES[:3])
+    for a, b in zip(merged["cases"], single["cases"]):
+        assert a["dice"] == b["dice"] and a["hd95_mm"] == b["hd95_mm"], a["case"]
+    assert merged["mean"]["mean_foreground_dice"] == single["mean"]["mean_foreground_dice"]
