@@ -169,6 +169,7 @@ def segment_cases(
             progress.report("load", f"reading {name}")
             try:
                 prepared = ahead.result()
+                progress.report("preprocess", f"{name} read and resampled")
             except Exception as exc:
                 prepared = None
                 failed(name, exc)
