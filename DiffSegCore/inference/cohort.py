@@ -1,5 +1,5 @@
 """A run over many cases: complete cases skipped, bad cases reported and skipped, the next case read and the
-previous one written while the network samples, and one cohort table (CSV) of every case.
+previous one written while the network samples (where that pays), and one cohort table (CSV) of every case.
 
 Resuming: a case whose outputs are all in the output folder, with a run record of the same model and
 settings, is complete and is skipped (unless `overwrite`); outputs of another model, other settings or a
