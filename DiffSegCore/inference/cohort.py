@@ -109,7 +109,7 @@ def earlier_outcome(
 def overlap_pays(settings: RunSettings) -> bool:
     """Whether reading and writing beside the network can go faster: when the network runs on a GPU, or when
     torch leaves CPU cores idle. On a CPU whose cores torch already fills (the 2-core benchmark machine), the
-    threads only compete with the network: 1.19x slower on 20 hippocampus cases, 1.32x on CHAOS (results.md)."""
+    threads compete with the network: 0.90x to 1.32x the time over six measured pairs (docs/results.md, 8)."""
     return resolve_device(settings.device).type == "cuda" or torch.get_num_threads() < (os.cpu_count() or 1)
 
 
