@@ -68,6 +68,7 @@ def selected_cases(args: argparse.Namespace) -> set[str] | None:
 def run_evaluate(args: argparse.Namespace) -> int:
     from DiffSegCore.evaluation.report import evaluate, format_table, record_metrics
     from DiffSegCore.inference.pipeline import open_model
+    from DiffSegCore.inference.ranks import RANK_TIMEOUT, leave_group, setup_distributed
     from DiffSegCore.progress import RunProgress
 
     if args.threads:
@@ -77,8 +78,15 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.preseg not in (None, *settings.PRESEG_SOURCES):
         raise InputError("evaluate takes --preseg none or model (one label file cannot fit every case)")
     only = selected_cases(args)
-    bundle, run_settings = open_model(args.model, settings.chosen_from_args(args), RunProgress("none"))
-    report = evaluate(bundle, run_settings, Path(args.images), Path(args.labels), only)
+    chosen = settings.chosen_from_args(args)
+    group = setup_distributed(chosen.get("device", "auto"), timeout=RANK_TIMEOUT)  # one rank without torchrun
+    try:
+        bundle, run_settings = open_model(args.model, chosen, RunProgress("none"))
+        report = evaluate(bundle, run_settings, Path(args.images), Path(args.labels), only, group)
+    finally:
+        leave_group()
+    if not group.main:  # rank 0 prints and writes the merged report
+        return 0
     report["command"] = command_line(args)
     print(format_table(report))
     if args.json_out:

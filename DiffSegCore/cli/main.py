@@ -14,7 +14,7 @@ from DiffSegCore.cli.evaluate import add_evaluate_parser
 from DiffSegCore.cli.models import add_models_parser
 from DiffSegCore.cli.segment import add_segment_parser
 from DiffSegCore.cli.train import add_train_parser
-from DiffSegCore.errors import DiffSegError
+from DiffSegCore.errors import DiffSegError, one_line
 from DiffSegCore.events import ERROR, encode
 
 
@@ -75,15 +75,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         _report_error(args, str(exc))
-        return 2
+        return exc.exit_code
     except KeyboardInterrupt:
         _report_error(args, getattr(args, "interrupted", "interrupted; no outputs were written for the unfinished case"))
         return 130
     except Exception as exc:
         if args.debug:
             traceback.print_exc()
-        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
-        _report_error(args, f"unexpected {type(exc).__name__}: {first_line}; rerun with --debug and report it")
+        _report_error(args, one_line(exc))
         return 1
     finally:
         if previous is not None:

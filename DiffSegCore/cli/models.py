@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING
 
-from DiffSegCore.models import registry
-from DiffSegCore.models.registry import ModelInfo, ModelVersion
+# The registry (jsonschema, requests) is imported by the sub-commands that use it, so that
+# `diffseg --help` and `--version` start without it.
+if TYPE_CHECKING:
+    from DiffSegCore.models.registry import ModelInfo, ModelVersion
 
 
 def add_models_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -61,6 +64,8 @@ def _size(n: int | None) -> str:
 
 
 def _list(args: argparse.Namespace) -> int:
+    from DiffSegCore.models import registry
+
     models = registry.list_models()
     if args.json:
         print(json.dumps([m.to_json() for m in models], indent=2))
@@ -96,24 +101,32 @@ def _describe(model: ModelInfo) -> list[str]:
 
 
 def _info(args: argparse.Namespace) -> int:
+    from DiffSegCore.models import registry
+
     model = registry.model_info(args.id)
     print(json.dumps(model.to_json(), indent=2) if args.json else "\n".join(_describe(model)))
     return 0
 
 
 def _download(args: argparse.Namespace) -> int:
+    from DiffSegCore.models import registry
+
     path = registry.resolve_model(args.ref, download=True)
     print(f"{args.ref} is ready: {path}")
     return 0
 
 
 def _import(args: argparse.Namespace) -> int:
+    from DiffSegCore.models import registry
+
     model_id = registry.import_model(args.path, replace=args.replace)
     print(f"imported {model_id}; use it with --model {model_id}")
     return 0
 
 
 def _remove(args: argparse.Namespace) -> int:
+    from DiffSegCore.models import registry
+
     for removed in registry.remove_model(args.ref):
         print(f"removed {removed}")
     return 0

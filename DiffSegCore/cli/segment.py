@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import traceback
 from pathlib import Path
 
 from DiffSegCore import settings
-from DiffSegCore.errors import InputError
+from DiffSegCore.errors import CasesFailed, InputError, one_line
 from DiffSegCore.events import NOTE
 from DiffSegCore.io.cases import collect_cases
 from DiffSegCore.progress import RunProgress
@@ -45,7 +46,9 @@ def _output_folder(folder: Path) -> Path:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise InputError(f"cannot create output folder {folder} ({exc.strerror}); choose another --output-dir") from None
+        raise InputError(
+            f"cannot create output folder {folder} ({exc.strerror}); choose another --output-dir"
+        ) from None
     if not os.access(folder, os.W_OK | os.X_OK):
         raise InputError(f"output folder {folder} is not writable; choose another --output-dir")
     return folder
@@ -53,27 +56,66 @@ def _output_folder(folder: Path) -> Path:
 
 def run_segment(args: argparse.Namespace) -> int:
     # torch-heavy modules load here so that the other commands start fast.
-    from DiffSegCore.inference.pipeline import OutputOptions, open_model, segment_case
+    from DiffSegCore.inference.cohort import (
+        COHORT_TABLE,
+        COMPLETE,
+        FAILED,
+        check_output_folder,
+        gather_outcomes,
+        segment_cases,
+        write_cohort_table,
+    )
+    from DiffSegCore.inference.pipeline import OutputOptions, open_model
+    from DiffSegCore.inference.ranks import RANK_TIMEOUT, leave_group, setup_distributed
 
     if args.output_dir is None and not args.dry_run:
         raise InputError("diffseg segment needs --output-dir (or --dry-run to see the plan only)")
     cases = collect_cases(args.inputs)
-    progress = RunProgress(args.progress, len(cases))
-    output_dir = None if args.dry_run else _output_folder(args.output_dir)
-    bundle, run_settings = open_model(args.model, settings.chosen_from_args(args), progress)
+    chosen = settings.chosen_from_args(args)
     if args.dry_run:
+        progress = RunProgress(args.progress, len(cases))
+        bundle, run_settings = open_model(args.model, chosen, progress)
         return _dry_run(bundle, cases, run_settings, progress)
-    options = OutputOptions(args.save_probabilities, args.save_members, args.preview, args.overwrite)
-    written, ran = {}, {}
-    for index, (name, paths) in enumerate(cases.items()):
-        _check_channels(name, paths, bundle.meta)
-        progress.start_case(index, name)
-        outputs, case_settings = segment_case(bundle, paths, name, output_dir, run_settings, options, progress)
-        written[name] = {key: str(path) for key, path in outputs.items()}
-        ran[name] = case_settings.to_json()
-        for key, path in outputs.items():  # every file written, not only the segmentation
-            progress.result(f"{name} {key}: {path}")
-    progress.finish(written, ran, f"{len(cases)} case(s) segmented")
+    output_dir = _output_folder(args.output_dir)
+    check_output_folder(args.inputs, output_dir)
+    group = setup_distributed(chosen.get("device", "auto"), timeout=RANK_TIMEOUT)  # one rank without torchrun
+    try:
+        share = dict(group.share(list(cases.items())))
+        progress = RunProgress(args.progress if group.main else "none", len(share))
+        bundle, run_settings = open_model(args.model, chosen, progress)
+        options = OutputOptions(args.save_probabilities, args.save_members, args.preview, args.overwrite)
+
+        def on_failure(name: str, exc: Exception) -> None:
+            if args.debug:
+                traceback.print_exception(exc)
+            if len(cases) > 1:
+                progress.note(f"{name} failed and was skipped: {one_line(exc)}")
+
+        mine = segment_cases(bundle, share, output_dir, run_settings, options, progress, on_failure=on_failure)
+        outcomes = gather_outcomes(group, mine)
+    finally:
+        leave_group()
+    failed = [o for o in outcomes if o.status == FAILED]
+    if len(cases) == 1 and failed:
+        if failed[0].error is not None:  # the rank that ran the only case: its own error, as a single run gives
+            raise failed[0].error
+        return InputError.exit_code
+    if not group.main:
+        return CasesFailed.exit_code if failed else 0
+    if len(cases) > 1:
+        table = write_cohort_table(output_dir / COHORT_TABLE, outcomes)
+        progress.result(f"cohort table: {table}")
+    done = [o for o in outcomes if o.status != FAILED]
+    earlier = sum(o.status == COMPLETE for o in done)
+    message = f"{len(done) - earlier} case(s) segmented" + (
+        f", {earlier} complete from an earlier run" if earlier else ""
+    )
+    progress.finish({o.name: o.outputs for o in done}, {o.name: o.settings for o in done}, message)
+    if failed:
+        raise CasesFailed(
+            f"{len(failed)} of {len(cases)} case(s) failed and were skipped, the first {failed[0].name}: "
+            f"{failed[0].message}; {COHORT_TABLE} in {output_dir} gives every case's reason"
+        )
     return 0
 
 

@@ -16,7 +16,7 @@ CASES_FILE = "cases.json"
 
 
 def add_train_parser(subparsers) -> None:
-    from DiffSegCore.training.loop import TrainConfig
+    from DiffSegCore.training.config import TrainConfig
 
     d = TrainConfig()
     p = subparsers.add_parser("train", help="train a diffusion model (or the pre-segmentation U-Net) and bundle it")
@@ -72,7 +72,7 @@ def add_train_parser(subparsers) -> None:
 
 
 def _config(args):
-    from DiffSegCore.training.loop import TrainConfig
+    from DiffSegCore.training.config import TrainConfig
 
     return TrainConfig(
         kind=args.kind,

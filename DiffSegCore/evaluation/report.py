@@ -11,6 +11,7 @@ import numpy as np
 from DiffSegCore.errors import InputError, ModelError
 from DiffSegCore.evaluation.metrics import case_metrics
 from DiffSegCore.inference.pipeline import OutputOptions, on_input_grid, run_case
+from DiffSegCore.inference.ranks import Distributed
 from DiffSegCore.io.atomic import write_text
 from DiffSegCore.io.cases import collect_cases, group_by_case, volume_files
 from DiffSegCore.io.volumes import read_volume, to_array
@@ -31,12 +32,19 @@ def _mean(values: list) -> float | None:
 
 
 def evaluate(
-    bundle: ModelBundle, settings: RunSettings, images_dir: Path, labels_dir: Path, only: set[str] | None = None
+    bundle: ModelBundle,
+    settings: RunSettings,
+    images_dir: Path,
+    labels_dir: Path,
+    only: set[str] | None = None,
+    group: Distributed | None = None,
 ) -> dict:
     """Segment every labelled case (or those in `only`) through the run pipeline and score it.
 
     `settings` come from settings.resolve for this bundle; "seconds" per case is the sampling time.
+    Under torchrun (`group`), each rank scores its share of the cases and every rank returns the whole report.
     """
+    group = group or Distributed()
     cases = collect_cases([images_dir])
     labels = _label_files(labels_dir)
     names = sorted(n for n in cases if only is None or n in only)
@@ -46,7 +54,7 @@ def evaluate(
     if only is not None and not names:
         raise InputError(f"none of the requested cases is in {images_dir}")
     rows, ran = [], settings
-    for name in names:
+    for name in group.share(names):
         case = run_case(bundle, cases[name], settings, RunProgress("none"))
         ran = case.settings  # with the device the members actually ran on
         outputs = on_input_grid(case, OutputOptions())
@@ -64,6 +72,7 @@ def evaluate(
         seconds = case.timings["sample"]
         rows.append({"case": name, **metrics, "seconds": seconds})
         print(f"{name}: Dice {[round(v, 3) for v in metrics['dice']]} in {seconds:.1f} s", flush=True)
+    rows = sorted((row for part in group.gather(rows) for row in part), key=lambda row: row["case"])
     classes = [c["name"] for c in bundle.meta["classes"]]
     per_class_dice = [_mean([r["dice"][k] for r in rows]) for k in range(len(classes))]
     return {

@@ -113,19 +113,21 @@ class CaseResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def run_case(
-    bundle: ModelBundle, inputs: list[Path], settings: RunSettings, progress: RunProgress, keep_members: bool = False
-) -> CaseResult:
-    """Read, preprocess and sample one case (no outputs written); `settings` come from settings.resolve."""
-    timings: dict[str, float] = {}
+@dataclass
+class ReadCase:
+    """One case read and brought to the model's spec, ready to sample (what can be read ahead of the network)."""
+
+    image: torch.Tensor  # (C, z, y, x) channels on the model's grid, normalised
+    grid: sitk.Image  # the model-spacing grid of `image`
+    reference: sitk.Image  # the input's first channel
+    preseg: torch.Tensor | None  # a user's starting labels (z, y, x) on the model grid, or None
+    timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def read_case(bundle: ModelBundle, inputs: list[Path], settings: RunSettings, progress: RunProgress) -> ReadCase:
+    """Read one case's channel files and preprocess them to the model's spec (no network evaluation)."""
     clock = time.perf_counter()
-
-    def lap(stage: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[stage] = round(timings.get(stage, 0.0) + now - clock, 4)
-        clock = now
-
     progress.report("load", f"reading {', '.join(p.name for p in inputs)}")
     warnings: list[str] = []  # ITK's messages while reading, then what sanity and settings find
     images = read_channels(inputs, warnings)
@@ -136,16 +138,33 @@ def run_case(
     preseg = None
     if settings.preseg not in PRESEG_SOURCES:
         preseg = read_preseg_labels(Path(settings.preseg), reference, bundle.num_classes, bundle.meta.get("spacing"))
-    lap("load")
+    loaded = time.perf_counter()
     progress.report("preprocess", "resampling and normalising")
     image, grid = prepare_image(images, bundle.meta)
-    lap("preprocess")
+    timings = {"load": round(loaded - clock, 4), "preprocess": round(time.perf_counter() - loaded, 4)}
+    return ReadCase(image, grid, reference, preseg, timings, warnings)
+
+
+def sample_case(
+    bundle: ModelBundle, case: ReadCase, settings: RunSettings, progress: RunProgress, keep_members: bool = False
+) -> CaseResult:
+    """Sample a case that `read_case` prepared: the ensemble on the model's grid (no outputs written)."""
+    clock = time.perf_counter()
     device = resolve_device(settings.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    result = predict_volume(bundle, image, settings, preseg, progress, keep_members)
-    lap("sample")
-    return CaseResult(result, grid, reference, replace(settings, device=result.device), timings, warnings)
+    result = predict_volume(bundle, case.image, settings, case.preseg, progress, keep_members)
+    timings = {**case.timings, "sample": round(time.perf_counter() - clock, 4)}
+    return CaseResult(
+        result, case.grid, case.reference, replace(settings, device=result.device), timings, case.warnings
+    )
+
+
+def run_case(
+    bundle: ModelBundle, inputs: list[Path], settings: RunSettings, progress: RunProgress, keep_members: bool = False
+) -> CaseResult:
+    """Read, preprocess and sample one case (no outputs written); `settings` come from settings.resolve."""
+    return sample_case(bundle, read_case(bundle, inputs, settings, progress), settings, progress, keep_members)
 
 
 def on_input_grid(case: CaseResult, options: OutputOptions) -> dict[str, sitk.Image]:
@@ -168,6 +187,11 @@ def on_input_grid(case: CaseResult, options: OutputOptions) -> dict[str, sitk.Im
     return images
 
 
+def output_targets(case: str, output_dir: Path, settings: RunSettings, options: OutputOptions) -> dict[str, Path]:
+    """Output key -> path of one case's outputs in `output_dir`."""
+    return {key: output_dir / name for key, name in output_names(case, options, settings.ensemble).items()}
+
+
 def segment_case(
     bundle: ModelBundle,
     inputs: list[Path],
@@ -181,12 +205,25 @@ def segment_case(
 
     Returns each output's path by key and the settings the case ran with.
     """
-    names = output_names(case, options, settings.ensemble)
-    targets = {key: output_dir / name for key, name in names.items()}
-    existing = [p for p in targets.values() if p.exists()]
+    existing = [p for p in output_targets(case, output_dir, settings, options).values() if p.exists()]
     if existing and not options.overwrite:
         raise InputError(f"{existing[0]} already exists; choose another --output-dir or pass --overwrite")
     sampled = run_case(bundle, inputs, settings, progress, options.save_members)
+    return write_case(bundle, inputs, case, output_dir, sampled, options, progress), sampled.settings
+
+
+def write_case(
+    bundle: ModelBundle,
+    inputs: list[Path],
+    case: str,
+    output_dir: Path,
+    sampled: CaseResult,
+    options: OutputOptions,
+    progress: RunProgress,
+) -> dict[str, Path]:
+    """Write a sampled case's outputs on the input's grid, all at once at the end or none; their paths by key."""
+    names = output_names(case, options, sampled.settings.ensemble)
+    targets = {key: output_dir / name for key, name in names.items()}
     clock = time.perf_counter()
     progress.report("write", "writing outputs")
     try:
@@ -210,6 +247,7 @@ def segment_case(
         record = run_record(bundle, inputs, options, sampled)
         record["uncertainty"] = describe_uncertainty(sampled.settings.ensemble)
         record["review"] = segment_review(results["segmentation"], results["uncertainty"], bundle.meta["classes"])
+        record["summary"]["volume_ml"] = {entry["name"]: entry["volume_ml"] for entry in record["review"]}
         (staging / names["run"]).write_text(json.dumps(record, indent=2) + "\n")
         _publish(staging, names, targets, options.overwrite)
     except OSError as exc:
@@ -221,7 +259,7 @@ def segment_case(
         raise RuntimeFault(str(exc).replace(str(staging), str(output_dir))) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return targets, sampled.settings
+    return targets
 
 
 def _publish(staging: Path, names: dict[str, str], targets: dict[str, Path], overwrite: bool) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -29,109 +28,18 @@ from DiffSegCore.diffusion.schedules import training_schedule
 from DiffSegCore.errors import InputError
 from DiffSegCore.evaluation.metrics import dice_per_class
 from DiffSegCore.inference.predictor import conditioning, evaluate_network, sample_members, sampling_schedule
+from DiffSegCore.inference.ranks import setup_distributed
 from DiffSegCore.io.atomic import atomic_path, write_text
 from DiffSegCore.networks.precision import autocast
 from DiffSegCore.networks.unet import build_network
 from DiffSegCore.training.cache import CachedCase
 from DiffSegCore.training.checkpoints import load_checkpoint, save_checkpoint
-from DiffSegCore.training.config import OptimiserConfig, optimiser_step
+from DiffSegCore.training.config import TrainConfig, optimiser_step
 from DiffSegCore.training.samples import TrainingSamples
 
 CHECKPOINT = "checkpoint.safetensors"
 BEST = "best.safetensors"
 CONFIG = "config.json"
-
-
-@dataclass
-class TrainConfig(OptimiserConfig):
-    """Everything that determines a training run (saved as config.json in the run folder)."""
-
-    kind: str = "diffusion"
-    prediction: str = "x0"
-    recycling: bool = True
-    train_steps: int = 5
-    base_steps: int = 1001
-    schedule: str = "linear"
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
-    widths: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
-    res_blocks: int = 1
-    skip: str = "add"
-    time_dim: int = 64
-    coords: bool = False
-    size: list[int] | None = None
-    centre_bias: float = 0.25
-    ema: float = 0.0
-    eps_weight: float = 0.1
-    augment: bool = True
-    affine_prob: float = 0.5
-    val_every: int = 200
-    val_steps: int = 5
-    checkpoint_every: int = 100
-    seed: int = 0
-    workers: int = 0
-    device: str = "auto"
-    amp: bool = True
-
-    def check(self) -> None:
-        if self.kind not in ("diffusion", "unet"):
-            raise InputError(f"unknown --kind '{self.kind}'; use diffusion or unet")
-        if self.prediction not in ("x0", "eps"):
-            raise InputError(f"unknown --prediction '{self.prediction}'; use x0 or eps")
-        if self.iterations < 1 or self.batch < 1 or self.train_steps < 1:
-            raise InputError("--iterations, --batch and --train-steps must be at least 1")
-
-    def network_config(self, image_channels: int, num_classes: int) -> dict:
-        return {
-            "kind": self.kind,
-            "image_channels": image_channels,
-            "num_classes": num_classes,
-            "coords": self.coords,
-            "widths": list(self.widths),
-            "res_blocks": self.res_blocks,
-            "skip": self.skip,
-            "time_dim": self.time_dim,
-        }
-
-    def diffusion_config(self) -> dict:
-        return {
-            "schedule": self.schedule,
-            "base_steps": self.base_steps,
-            "beta_start": self.beta_start,
-            "beta_end": self.beta_end,
-            "train_steps": self.train_steps,
-            "prediction": self.prediction,
-            "recycling": self.recycling,
-        }
-
-
-@dataclass
-class Distributed:
-    """This process's place in a torchrun group (rank 0 of 1 without torchrun) and its device."""
-
-    rank: int = 0
-    world: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device: str) -> Distributed:
-    """Join the torchrun process group when launched by torchrun, else a single process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
-    if world == 1:
-        return Distributed(device=torch.device("cuda" if use_cuda else "cpu"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if use_cuda:
-        torch.cuda.set_device(local)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return Distributed(dist.get_rank(), world, torch.device(f"cuda:{local}" if use_cuda else "cpu"))
 
 
 def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
