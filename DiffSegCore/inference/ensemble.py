@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from DiffSegCore.errors import RuntimeFault
+from DiffSegCore.inference.case_score import review_score
 from DiffSegCore.inference.plan import Plan, is_out_of_memory, make_plan
 from DiffSegCore.inference.predictor import bundle_members, conditioning, presegment
 from DiffSegCore.models.bundle import ModelBundle
@@ -26,6 +27,7 @@ class EnsembleResult:
     member_labels: torch.Tensor | None = None
     plan: str = ""  # the plan the members ran with (after any out-of-memory fallback)
     device: str = "cpu"
+    review_score: float | None = None  # case_score.review_score of the members; None for one member
 
 
 class EnsembleAccumulator:
@@ -141,7 +143,8 @@ def _run_plan(
     if settings.preseg == "model" and preseg_mask is None:
         progress.report("preseg", "pre-segmentation network")
         preseg_mask = presegment(bundle, image, plan)
-    accumulator = EnsembleAccumulator(settings.per_class_variance, keep_members)
+    # Member label maps (uint8) are kept for the review score even when they are not written.
+    accumulator = EnsembleAccumulator(settings.per_class_variance, keep_members=True)
     ensemble = settings.ensemble
     for first in range(0, ensemble, plan.batch):
         count = min(plan.batch, ensemble - first)
@@ -159,4 +162,7 @@ def _run_plan(
 
         accumulator.add(bundle_members(bundle, cond, settings, plan, first, count, preseg_mask, on_step))
     progress.report("reduce", "mean and uncertainty", within=1.0)
-    return replace(accumulator.result(), plan=plan.describe(), device=plan.device.type)
+    result = accumulator.result()
+    score = review_score(result.member_labels, result.labels, bundle.num_classes) if ensemble > 1 else None
+    members = result.member_labels if keep_members else None
+    return replace(result, member_labels=members, plan=plan.describe(), device=plan.device.type, review_score=score)
