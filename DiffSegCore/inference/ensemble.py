@@ -30,16 +30,27 @@ class EnsembleResult:
     review_score: float | None = None  # case_score.review_score of the members; None for one member
 
 
+def label_map(probs: torch.Tensor, threshold: float | None = None, dim: int = 0) -> torch.Tensor:
+    """Class probabilities -> labels along `dim` (the class axis, background first): the most likely class,
+    or with a threshold, background unless the foreground probability (1 - background) exceeds it, then
+    the most likely foreground class. The threshold corrects a model that draws its structures too large."""
+    if threshold is None:
+        return probs.argmax(dim)
+    foreground = probs.narrow(dim, 1, probs.shape[dim] - 1)
+    return torch.where(foreground.sum(dim) > threshold, foreground.argmax(dim) + 1, 0)
+
+
 class EnsembleAccumulator:
     """Running sums over member batches, so N members never need to be held at once.
 
     Variance is the population variance across members (0 for one member), summed over
-    classes; entropy is that of the mean probabilities, in nats.
+    classes; entropy is that of the mean probabilities, in nats. Labels follow `label_map` with `threshold`.
     """
 
-    def __init__(self, per_class: bool = False, keep_members: bool = False):
+    def __init__(self, per_class: bool = False, keep_members: bool = False, threshold: float | None = None):
         self.per_class = per_class
         self.keep_members = keep_members
+        self.threshold = threshold
         self.count = 0
         self.total: torch.Tensor | None = None
         self.total_sq: torch.Tensor | None = None
@@ -53,7 +64,7 @@ class EnsembleAccumulator:
         self.total_sq = batch_sq if self.total_sq is None else self.total_sq + batch_sq
         self.count += probs.shape[0]
         if self.keep_members:
-            self.members.append(probs.argmax(dim=1).to(torch.uint8))
+            self.members.append(label_map(probs, self.threshold, dim=1).to(torch.uint8))
 
     def result(self) -> EnsembleResult:
         mean = self.total / self.count
@@ -61,7 +72,7 @@ class EnsembleAccumulator:
         entropy = -(mean * mean.clamp_min(1e-12).log()).sum(dim=0)
         return EnsembleResult(
             mean_probs=mean.float(),
-            labels=mean.argmax(dim=0),
+            labels=label_map(mean, self.threshold),
             variance=variance_k.sum(dim=0).float(),
             entropy=entropy.float(),
             variance_per_class=variance_k.float() if self.per_class else None,
@@ -69,9 +80,11 @@ class EnsembleAccumulator:
         )
 
 
-def reduce_members(member_probs: torch.Tensor, per_class: bool = False, keep_members: bool = False) -> EnsembleResult:
-    """member_probs (N, K, *S) -> mean, argmax label map, variance and entropy."""
-    accumulator = EnsembleAccumulator(per_class, keep_members)
+def reduce_members(
+    member_probs: torch.Tensor, per_class: bool = False, keep_members: bool = False, threshold: float | None = None
+) -> EnsembleResult:
+    """member_probs (N, K, *S) -> mean, label map (`label_map` with `threshold`), variance and entropy."""
+    accumulator = EnsembleAccumulator(per_class, keep_members, threshold)
     accumulator.add(member_probs)
     return accumulator.result()
 
@@ -144,7 +157,7 @@ def _run_plan(
         progress.report("preseg", "pre-segmentation network")
         preseg_mask = presegment(bundle, image, plan)
     # Member label maps (uint8) are kept for the review score even when they are not written.
-    accumulator = EnsembleAccumulator(settings.per_class_variance, keep_members=True)
+    accumulator = EnsembleAccumulator(settings.per_class_variance, True, settings.foreground_threshold)
     ensemble = settings.ensemble
     for first in range(0, ensemble, plan.batch):
         count = min(plan.batch, ensemble - first)

@@ -54,3 +54,15 @@ def test_ranking_reports_spearman_and_the_worst_cases_rank():
     assert ranking["worst_case"] == "c" and ranking["worst_case_review_rank"] == 2
     assert ranking["review_spearman"] == pytest.approx(-0.8)  # ranks of Dice 3,2,1,4 vs score 2,4,3,1
     assert review_ranking(rows[:2]) == {"review_spearman": None, "worst_case": None, "worst_case_review_rank": None}
+
+
+def test_foreground_threshold_keeps_only_sure_foreground_then_the_likeliest_class():
+    from DiffSegCore.inference.ensemble import label_map
+
+    # (K=3 classes, 3 voxels): background 0.5, 0.3, 0.1, so foreground 0.5, 0.7, 0.9
+    probs = torch.tensor([[0.5, 0.3, 0.1], [0.2, 0.3, 0.5], [0.3, 0.4, 0.4]])
+    assert label_map(probs).tolist() == [0, 2, 1]  # plain argmax
+    assert label_map(probs, 0.8).tolist() == [0, 0, 1]  # only foreground above 0.8 stays
+    assert label_map(probs, 0.45).tolist() == [2, 2, 1]  # voxel 0 turns foreground: the likelier of classes 1, 2
+    members = torch.stack([probs, probs])  # (N, K, voxels)
+    assert label_map(members, 0.8, dim=1).tolist() == [[0, 0, 1], [0, 0, 1]]
