@@ -115,9 +115,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "foreground_threshold",
         float,
-        None,
-        "label a voxel foreground only where the mean foreground probability exceeds this; "
-        "then its most likely class (default: the model's; none: the most likely class overall)",
+        0.0,
+        "label a voxel foreground only where the mean foreground probability exceeds this, then its most "
+        "likely class; 0: the most likely class overall (default: the model's)",
         minimum=0.0,
         maximum=0.99,
         model_default=True,
@@ -148,7 +148,7 @@ class RunSettings:
     eta: float
     preseg: str
     preseg_step: int
-    foreground_threshold: float | None
+    foreground_threshold: float
     seed: int
     device: str
     window: str

@@ -46,7 +46,7 @@ SETS = {
         22,
     ),
 }
-THRESHOLDS = (None, 0.6, 0.7, 0.8, 0.9)
+THRESHOLDS = (0.0, 0.6, 0.7, 0.8, 0.9)
 
 
 def sample_sources(bundle, case) -> dict[str, np.ndarray]:

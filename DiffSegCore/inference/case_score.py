@@ -23,11 +23,11 @@ def review_score(member_labels: torch.Tensor, labels: torch.Tensor, num_classes:
         that neither a member nor the ensemble holds is left out of that member's mean; a case with no
         foreground anywhere scores 0.
     """
-    classes = torch.arange(1, num_classes).view(-1, *([1] * labels.dim()))
-    mine = (member_labels[:, None] == classes).flatten(2)  # (N, K-1, voxels)
-    ensemble = (labels[None] == classes).flatten(1)  # (K-1, voxels)
-    overlap = (mine & ensemble).sum(-1).double()
-    sizes = mine.sum(-1).double() + ensemble.sum(-1).double()
+    k = num_classes
+    joint = member_labels.long().flatten(1) * k + labels.long().flatten()[None]  # (N, voxels)
+    confusion = torch.stack([torch.bincount(row, minlength=k * k) for row in joint]).view(-1, k, k).double()
+    overlap = confusion.diagonal(dim1=1, dim2=2)[:, 1:]  # (N, K-1): member and ensemble agree on class c
+    sizes = confusion.sum(2)[:, 1:] + confusion.sum(1)[:, 1:]  # member's voxels of c + the ensemble's
     present = sizes > 0
     dice = torch.where(present, 2 * overlap / sizes.clamp_min(1), torch.zeros_like(sizes))
     counted = present.sum(-1)

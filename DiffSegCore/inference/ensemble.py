@@ -30,11 +30,11 @@ class EnsembleResult:
     review_score: float | None = None  # case_score.review_score of the members; None for one member
 
 
-def label_map(probs: torch.Tensor, threshold: float | None = None, dim: int = 0) -> torch.Tensor:
-    """Class probabilities -> labels along `dim` (the class axis, background first): the most likely class,
-    or with a threshold, background unless the foreground probability (1 - background) exceeds it, then
-    the most likely foreground class. The threshold corrects a model that draws its structures too large."""
-    if threshold is None:
+def label_map(probs: torch.Tensor, threshold: float = 0.0, dim: int = 0) -> torch.Tensor:
+    """Class probabilities -> labels along `dim` (the class axis, background first): with threshold 0 the
+    most likely class; else background unless the foreground probability (1 - background) exceeds the
+    threshold, then the most likely foreground class. It corrects a model that draws structures too large."""
+    if not threshold:
         return probs.argmax(dim)
     foreground = probs.narrow(dim, 1, probs.shape[dim] - 1)
     return torch.where(foreground.sum(dim) > threshold, foreground.argmax(dim) + 1, 0)
@@ -47,7 +47,7 @@ class EnsembleAccumulator:
     classes; entropy is that of the mean probabilities, in nats. Labels follow `label_map` with `threshold`.
     """
 
-    def __init__(self, per_class: bool = False, keep_members: bool = False, threshold: float | None = None):
+    def __init__(self, per_class: bool = False, keep_members: bool = False, threshold: float = 0.0):
         self.per_class = per_class
         self.keep_members = keep_members
         self.threshold = threshold
@@ -81,7 +81,7 @@ class EnsembleAccumulator:
 
 
 def reduce_members(
-    member_probs: torch.Tensor, per_class: bool = False, keep_members: bool = False, threshold: float | None = None
+    member_probs: torch.Tensor, per_class: bool = False, keep_members: bool = False, threshold: float = 0.0
 ) -> EnsembleResult:
     """member_probs (N, K, *S) -> mean, label map (`label_map` with `threshold`), variance and entropy."""
     accumulator = EnsembleAccumulator(per_class, keep_members, threshold)
