@@ -76,7 +76,7 @@ def sample_sources(bundle, case) -> dict[str, np.ndarray]:
         out[f"gamma{g}"] = members(((img - low) / (high - low)) ** g * (high - low) + low, 2000 + int(g * 100), 1)
     for s in (0.9, 1.1):
         out[f"scale{s}"] = members(img * s, 3000 + int(s * 100), 1)
-    own = out["base"][:5].mean(0).argmax(0)
+    own = out["base"].mean(0).argmax(0)  # the 8-member ensemble's label
     for start_step in (1, 2, 3):  # PD-DDPM from the ensemble's own label: does the model keep it?
         out[f"self{start_step}"] = members(img, 4000 + 10 * start_step, 2, own, start_step)
     return {"truth": truth.astype(np.uint8), **{k: v.numpy().astype(np.float16) for k, v in out.items()}}
