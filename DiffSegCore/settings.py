@@ -119,6 +119,16 @@ SETTINGS: tuple[Setting, ...] = (
         maximum=1000,
         model_default=True,
     ),
+    Setting(
+        "foreground_threshold",
+        float,
+        0.0,
+        "label a voxel foreground only where the mean foreground probability exceeds this, then its most "
+        "likely class; 0: the most likely class overall (default: the model's)",
+        minimum=0.0,
+        maximum=0.99,
+        model_default=True,
+    ),
     Setting("seed", int, 0, "random seed of the members' noise", minimum=0, maximum=2**31 - 1),
     Setting("device", str, "auto", "where to run: auto (a CUDA GPU if there is one), cpu or cuda", choices=DEVICES),
     Setting("window", str, "auto", "full volume, sliding window, or auto (as memory allows)", choices=WINDOWS),
@@ -160,6 +170,7 @@ class RunSettings:
     eta: float
     preseg: str
     preseg_step: int
+    foreground_threshold: float
     seed: int
     device: str
     window: str

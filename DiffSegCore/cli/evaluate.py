@@ -10,7 +10,7 @@ from DiffSegCore import settings
 from DiffSegCore.cli.records import command_line, write_json
 from DiffSegCore.errors import InputError
 
-SAMPLER_OPTIONS = ("steps", "ensemble", "sampler", "eta", "preseg", "preseg_step", "seed", "device")
+SAMPLER_OPTIONS = ("steps", "ensemble", "sampler", "eta", "preseg", "preseg_step", "foreground_threshold", "seed", "device")
 
 
 def add_evaluate_parser(subparsers) -> None:

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import spearmanr
 
 from DiffSegCore.errors import InputError, ModelError
 from DiffSegCore.evaluation.metrics import case_metrics
@@ -24,6 +25,10 @@ def _label_files(folder: Path) -> dict[str, Path]:
     if not folder.is_dir():
         raise InputError(f"label folder not found: {folder}")
     return {name: files[0] for name, files in group_by_case(volume_files(folder)).items()}
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 def _mean(values: list) -> float | None:
@@ -70,7 +75,7 @@ def evaluate(
             spacing_zyx,
         )
         seconds = case.timings["sample"]
-        rows.append({"case": name, **metrics, "seconds": seconds})
+        rows.append({"case": name, **metrics, "review_score": case.result.review_score, "seconds": seconds})
         print(f"{name}: Dice {[round(v, 3) for v in metrics['dice']]} in {seconds:.1f} s", flush=True)
     rows = sorted((row for part in group.gather(rows) for row in part), key=lambda row: row["case"])
     classes = [c["name"] for c in bundle.meta["classes"]]
@@ -89,8 +94,22 @@ def evaluate(
             "hd95_mm": [_mean([r["hd95_mm"][k] for r in rows]) for k in range(len(classes))],
             "uncertainty_auroc": _mean([r["uncertainty_auroc"] for r in rows]),
             "seconds_per_case": _mean([r["seconds"] for r in rows]),
+            **review_ranking(rows),
         },
     }
+
+
+def review_ranking(rows: list[dict]) -> dict:
+    """How well the per-case review score ranks the failing cases first: Spearman(case Dice, score)
+    (negative is good) and the worst case's rank by score (1 = reviewed first); None where it cannot tell."""
+    dice = [_mean(r["dice"]) for r in rows]
+    kept = [(d, r["review_score"], r["case"]) for d, r in zip(dice, rows) if d is not None and r["review_score"] is not None]
+    if len(kept) < 3:
+        return {"review_spearman": None, "worst_case": None, "worst_case_review_rank": None}
+    worst = min(kept)
+    rank = 1 + sum(score > worst[1] for _, score, _ in kept)
+    rho = float(spearmanr([d for d, _, _ in kept], [score for _, score, _ in kept]).statistic)
+    return {"review_spearman": _finite(rho), "worst_case": worst[2], "worst_case_review_rank": rank}
 
 
 def _cell(value, digits: int = 3) -> str:
@@ -103,6 +122,7 @@ def _row(label: str, values: dict) -> list[str]:
         *map(_cell, values["dice"]),
         *(_cell(v, 2) for v in values["hd95_mm"]),
         _cell(values["uncertainty_auroc"]),
+        _cell(values.get("review_score")),
         _cell(values.get("seconds", values.get("seconds_per_case")), 1),
     ]
 
@@ -110,7 +130,7 @@ def _row(label: str, values: dict) -> list[str]:
 def format_table(report: dict) -> str:
     """Per-case rows and the mean, as a plain-text table."""
     classes = report["classes"]
-    header = ["case", *[f"Dice {c}" for c in classes], *[f"HD95 {c} (mm)" for c in classes], "AUROC", "s"]
+    header = ["case", *[f"Dice {c}" for c in classes], *[f"HD95 {c} (mm)" for c in classes], "AUROC", "review", "s"]
     lines = [_row(r["case"], r) for r in report["cases"]]
     mean = report["mean"]
     lines.append(_row("mean", mean))
@@ -118,6 +138,11 @@ def format_table(report: dict) -> str:
     out = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
     out += ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
     out.append(f"mean foreground Dice {_cell(mean['mean_foreground_dice'], 4)} over {mean['cases']} case(s)")
+    if mean.get("review_spearman") is not None:
+        out.append(
+            f"review score: Spearman(case Dice, score) {mean['review_spearman']:.3f}; worst case "
+            f"{mean['worst_case']} ranks {mean['worst_case_review_rank']} of {mean['cases']} by score"
+        )
     return "\n".join(out)
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from DiffSegCore.errors import RuntimeFault
+from DiffSegCore.inference.case_score import review_score
 from DiffSegCore.inference.plan import Plan, is_out_of_memory, make_plan
 from DiffSegCore.inference.predictor import bundle_members, conditioning, presegment
 from DiffSegCore.models.bundle import ModelBundle
@@ -27,18 +28,30 @@ class EnsembleResult:
     plan: str = ""  # the plan the members ran with (after any out-of-memory fallback)
     device: str = "cpu"
     plan_record: dict = field(default_factory=dict)  # that plan and its memory estimate (Plan.to_json)
+    review_score: float | None = None  # case_score.review_score of the members; None for one member
+
+
+def label_map(probs: torch.Tensor, threshold: float = 0.0, dim: int = 0) -> torch.Tensor:
+    """Class probabilities -> labels along `dim` (the class axis, background first): with threshold 0 the
+    most likely class; else background unless the foreground probability (1 - background) exceeds the
+    threshold, then the most likely foreground class. It corrects a model that draws structures too large."""
+    if not threshold:
+        return probs.argmax(dim)
+    foreground = probs.narrow(dim, 1, probs.shape[dim] - 1)
+    return torch.where(foreground.sum(dim) > threshold, foreground.argmax(dim) + 1, 0)
 
 
 class EnsembleAccumulator:
     """Running sums over member batches, so N members never need to be held at once.
 
     Variance is the population variance across members (0 for one member), summed over
-    classes; entropy is that of the mean probabilities, in nats.
+    classes; entropy is that of the mean probabilities, in nats. Labels follow `label_map` with `threshold`.
     """
 
-    def __init__(self, per_class: bool = False, keep_members: bool = False):
+    def __init__(self, per_class: bool = False, keep_members: bool = False, threshold: float = 0.0):
         self.per_class = per_class
         self.keep_members = keep_members
+        self.threshold = threshold
         self.count = 0
         self.total: torch.Tensor | None = None
         self.total_sq: torch.Tensor | None = None
@@ -52,7 +65,7 @@ class EnsembleAccumulator:
         self.total_sq = batch_sq if self.total_sq is None else self.total_sq + batch_sq
         self.count += probs.shape[0]
         if self.keep_members:
-            self.members.append(probs.argmax(dim=1).to(torch.uint8))
+            self.members.append(label_map(probs, self.threshold, dim=1).to(torch.uint8))
 
     def result(self) -> EnsembleResult:
         mean = self.total / self.count
@@ -60,7 +73,7 @@ class EnsembleAccumulator:
         entropy = -(mean * mean.clamp_min(1e-12).log()).sum(dim=0)
         return EnsembleResult(
             mean_probs=mean.float(),
-            labels=mean.argmax(dim=0),
+            labels=label_map(mean, self.threshold),
             variance=variance_k.sum(dim=0).float(),
             entropy=entropy.float(),
             variance_per_class=variance_k.float() if self.per_class else None,
@@ -68,9 +81,11 @@ class EnsembleAccumulator:
         )
 
 
-def reduce_members(member_probs: torch.Tensor, per_class: bool = False, keep_members: bool = False) -> EnsembleResult:
-    """member_probs (N, K, *S) -> mean, argmax label map, variance and entropy."""
-    accumulator = EnsembleAccumulator(per_class, keep_members)
+def reduce_members(
+    member_probs: torch.Tensor, per_class: bool = False, keep_members: bool = False, threshold: float = 0.0
+) -> EnsembleResult:
+    """member_probs (N, K, *S) -> mean, label map (`label_map` with `threshold`), variance and entropy."""
+    accumulator = EnsembleAccumulator(per_class, keep_members, threshold)
     accumulator.add(member_probs)
     return accumulator.result()
 
@@ -147,7 +162,8 @@ def _run_plan(
     if settings.preseg == "model" and preseg_mask is None:
         progress.report("preseg", "pre-segmentation network")
         preseg_mask = presegment(bundle, image, plan, settings.precision)
-    accumulator = EnsembleAccumulator(settings.per_class_variance, keep_members)
+    # Member label maps (uint8) are kept for the review score even when they are not written.
+    accumulator = EnsembleAccumulator(settings.per_class_variance, True, settings.foreground_threshold)
     ensemble = settings.ensemble
     for first in range(0, ensemble, plan.batch):
         count = min(plan.batch, ensemble - first)
@@ -165,4 +181,14 @@ def _run_plan(
 
         accumulator.add(bundle_members(bundle, cond, settings, plan, first, count, preseg_mask, on_step))
     progress.report("reduce", "mean and uncertainty", within=1.0)
-    return replace(accumulator.result(), plan=plan.describe(), device=plan.device.type, plan_record=plan.to_json())
+    result = accumulator.result()
+    score = review_score(result.member_labels, result.labels, bundle.num_classes) if ensemble > 1 else None
+    members = result.member_labels if keep_members else None
+    return replace(
+        result,
+        member_labels=members,
+        plan=plan.describe(),
+        device=plan.device.type,
+        plan_record=plan.to_json(),
+        review_score=score,
+    )

@@ -298,6 +298,7 @@ def run_record(bundle: ModelBundle, inputs: list[Path], options: OutputOptions, 
             "voxels_per_class": {int(k): int(v) for k, v in zip(*np.unique(result.labels.numpy(), return_counts=True))},
             "mean_uncertainty": float(result.variance.mean()),
             "mean_entropy": float(result.entropy.mean()),
+            "review_score": result.review_score,
         },
         "warnings": case.warnings,
     }

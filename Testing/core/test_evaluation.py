@@ -82,6 +82,8 @@ def test_evaluate_command_reports_table_json_and_records_metrics(dataset, tiny_b
     assert report["settings"]["steps"] == 2 and report["settings"]["ensemble"] == 2
     row = report["cases"][0]
     assert len(row["dice"]) == 2 and all(0 <= d <= 1 for d in row["dice"]) and row["seconds"] > 0
+    assert 0 <= row["review_score"] <= 1  # one case: too few to rank, so no Spearman is claimed
+    assert report["mean"]["review_spearman"] is None and "review" in table
     assert report["mean"]["mean_foreground_dice"] == pytest.approx(np.mean(row["dice"]))
     recorded = json.loads((bundle / "model.json").read_text())["metrics"]["validation"]
     assert recorded["mean_foreground_dice"] == report["mean"]["mean_foreground_dice"]

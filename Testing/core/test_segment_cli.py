@@ -7,9 +7,11 @@ import sys
 from dataclasses import replace
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 import torch
 
+from DiffSegCore.inference.case_score import review_score
 from DiffSegCore.inference.ensemble import member_probabilities, predict_volume
 from DiffSegCore.io.preprocess import prepare_image
 from DiffSegCore.io.volumes import read_volume
@@ -50,6 +52,9 @@ def test_segment_writes_outputs_with_the_input_geometry(tmp_path, tiny_bundle, h
     assert record["model"]["id"] == "tiny" and record["settings"]["ensemble"] == 2
     assert set(record["timings_s"]) >= {"load", "preprocess", "sample", "write"}
     assert record["peak_memory_bytes"] > 0
+    members = [sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / f"{stem}_member{k}_seg.nii.gz"))) for k in (1, 2)]
+    expected = review_score(torch.from_numpy(np.stack(members)).long(), torch.from_numpy(labels).long(), 3)
+    assert record["summary"]["review_score"] == pytest.approx(expected)  # 1 mm input: the model's grid
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "staging files left behind"
 
 
