@@ -22,7 +22,7 @@ CLASSES = [{"value": 1, "name": "Anterior hippocampus"}, {"value": 2, "name": "P
 def run_segment(image: Path, bundle: Path, out: Path, ensemble: int, progress: str = "none") -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "DiffSegCore", "segment", str(image), "--model", str(bundle), "--output-dir",
                str(out), "--ensemble", str(ensemble), "--steps", "2", "--seed", "3", "--progress", progress]
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = subprocess.run(command, capture_output=True, encoding="utf-8")
     assert result.returncode == 0, result.stderr
     return result
 

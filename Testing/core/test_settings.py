@@ -98,7 +98,7 @@ CHOICE_LISTS = {"samplers": set(settings.SAMPLERS), "devices": set(settings.DEVI
 
 
 def _string_collections(path: Path):
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
         if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
             values = {e.value for e in node.elts if isinstance(e, ast.Constant) and isinstance(e.value, str)}
             yield node.lineno, values
@@ -115,7 +115,7 @@ def test_each_choice_list_is_defined_once():
                 if len(values & choices) >= 2 and path.name != "settings.py":
                     found.append(f"{path.relative_to(ROOT)}:{line} lists {name} {sorted(values & choices)}")
     assert not found, "\n".join(found)
-    ui = (ROOT / "Resources" / "UI" / "DiffSeg.ui").read_text()
+    ui = (ROOT / "Resources" / "UI" / "DiffSeg.ui").read_text(encoding="utf-8")
     assert "<string>ddpm</string>" not in ui and "<string>cuda</string>" not in ui  # the panel fills them from Choice
 
 
