@@ -73,8 +73,12 @@ def test_patch_coordinates_equal_the_whole_volume_conditioning_at_the_patch(tmp_
     shape = (10, 20, 14)  # (z, y, x), anisotropic like a model grid of abdominal MR
     image = np.arange(np.prod(shape), dtype=np.float32).reshape(1, *shape)  # each voxel's value is its index
     np.savez(tmp_path / "case.npz", image=image, label=np.zeros(shape, np.uint8))
-    samples = TrainingSamples([CachedCase("case", tmp_path / "case.npz")], (4, 8, 6), seed=3, augment=False, coords=True)
-    network = build_network({"kind": "diffusion", "image_channels": 1, "num_classes": 3, "coords": True, "widths": [8, 16]})
+    samples = TrainingSamples(
+        [CachedCase("case", tmp_path / "case.npz")], (4, 8, 6), seed=3, augment=False, coords=True
+    )
+    network = build_network(
+        {"kind": "diffusion", "image_channels": 1, "num_classes": 3, "coords": True, "widths": [8, 16]}
+    )
     whole = conditioning(network, torch.from_numpy(image))
     assert whole.shape == (4, *shape)
     for k in range(5):
