@@ -124,6 +124,16 @@ def score(name: str, window: str, members: int) -> dict:
     }
 
 
+def score_cached(arm: str, window: str, members: int, smoke: bool) -> Path:
+    """The arm's scores in a process of its own (so its peak memory is its own), kept in the run folder."""
+    path = RUNS / arm / f"study_score_{window}_{members}.json"
+    if not path.exists():
+        command = [sys.executable, __file__, "--score", arm, window, "--members", str(members)]
+        out = subprocess.run([*command, *(["--smoke"] if smoke else [])], check=True, capture_output=True, text=True)
+        path.write_text(out.stdout.strip().splitlines()[-1])
+    return path
+
+
 def summary(scored: dict) -> dict:
     """Means over the validation cases."""
     import numpy as np
@@ -143,19 +153,23 @@ def summary(scored: dict) -> dict:
     }
 
 
+def _iterations(arm: str) -> int:
+    return json.loads((RUNS / arm / "config.json").read_text())["iterations"]
+
+
 def _mib(value: int | None) -> str:
     return "-" if value is None else f"{value / 2**20:.0f}"
 
 
 def table(trained: dict, scores: list[dict]) -> str:
-    header = "| arm | inference | Dice | Dice liver / R kidney / L kidney / spleen | HD95 mm | kidney L/R swap | AUROC | s per case | peak RSS MiB | training peak RSS MiB |"
-    lines = [header, "|" + "---|" * 10]
+    header = "| arm | iterations | inference | Dice | Dice liver / R kidney / L kidney / spleen | HD95 mm | kidney L/R swap | AUROC | s per case | peak RSS MiB | training peak RSS MiB |"
+    lines = [header, "|" + "---|" * 11]
     for s in scores:
         m = s["summary"]
         mode = "whole volume" if s["window"] == "full" else f"sliding window {'x'.join(map(str, s['window_size']))}"
         auroc = "-" if m["auroc"] is None else f"{m['auroc']:.3f}"
         lines.append(
-            f"| `{s['arm']}` | {mode} | {m['dice']:.3f} | {' / '.join(f'{v:.3f}' for v in m['dice_per_class'])} | "
+            f"| `{s['arm']}` | {_iterations(s['arm'])} | {mode} | {m['dice']:.3f} | {' / '.join(f'{v:.3f}' for v in m['dice_per_class'])} | "
             f"{m['hd95_mm']:.1f} | {100 * m['kidney_swap']:.1f} % | {auroc} | {m['seconds_per_case']:.1f} | "
             f"{m['peak_rss_mib']:.0f} | {_mib(trained[s['arm']].get('peak_rss_bytes'))} |"
         )
@@ -168,6 +182,7 @@ def main() -> None:
     parser.add_argument("--members", type=int, default=3)
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS), help="train only these")
     parser.add_argument("--score", nargs=2, metavar=("ARM", "WINDOW"), help=argparse.SUPPRESS)
+    parser.add_argument("--score-only", nargs=2, metavar=("ARM", "WINDOW"), help="score one trained arm (full|sliding)")
     parser.add_argument("--smoke", action="store_true", help="4 iterations, 1 member: checks the script runs")
     args = parser.parse_args()
     if args.smoke:
@@ -176,16 +191,15 @@ def main() -> None:
     if args.score:
         print(json.dumps(score(*args.score, args.members)))
         return
+    if args.score_only:
+        score_cached(*args.score_only, args.members, args.smoke)
+        return
     trained = {name: train_arm(name, args.iterations) for name in args.arms}
     if set(args.arms) != set(ARMS):
         return
     scores = []
     for arm, window in SCORINGS:
-        command = [sys.executable, __file__, "--score", arm, window, "--members", str(args.members)]
-        if args.smoke:
-            command.append("--smoke")
-        out = subprocess.run(command, check=True, capture_output=True, text=True, cwd=REPO).stdout
-        scored = json.loads(out.strip().splitlines()[-1])
+        scored = json.loads(score_cached(arm, window, args.members, args.smoke).read_text())
         scores.append({**scored, "summary": summary(scored)})
         print(arm, window, scores[-1]["summary"], flush=True)
     text = table(trained, scores)
