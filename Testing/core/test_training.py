@@ -45,6 +45,7 @@ def test_run_folder_holds_split_checkpoint_curve_and_bundle(trained):
     assert meta["training"]["iterations"] == 3 and meta["training"]["split"]["validation"] == split["validation"]
     assert [c["name"] for c in meta["classes"]] == ["Anterior hippocampus", "Posterior hippocampus"]
     assert meta["channels"][0]["normalisation"] == {"kind": "percentile_zscore"}
+    assert meta["window"] == [16, 24, 16]  # a patch-trained network's sliding window is its training patch
 
 
 def test_training_changed_the_weights_and_bundle_holds_the_best(trained):
