@@ -77,6 +77,8 @@ def export_bundle(
             {"name": name, "normalisation": norm} for name, norm in zip(data["channel_names"], data["spec"]["channels"])
         ],
         "spacing": data["spec"]["spacing"],
+        # A patch-trained network's sliding window is its training patch (z, y, x), unless the card sets one.
+        **({"window": list(config.size)} if config.size and "window" not in card else {}),
         "network": config.network_config(data["image_channels"], num_classes),
         "preseg_network": preseg_config,
         "diffusion": config.diffusion_config(),

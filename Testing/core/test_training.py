@@ -52,6 +52,7 @@ def test_run_folder_holds_split_checkpoint_curve_and_bundle(trained):
     train = [c for c in find_cases(trained / "data").cases if c.name in split["train"]]
     expected = training_envelope(read_channels(list(c.images)) for c in train)
     assert {k: meta["training"][k] for k in expected} == expected
+    assert meta["window"] == [16, 24, 16]  # a patch-trained network's sliding window is its training patch
 
 
 def test_training_changed_the_weights_and_bundle_holds_the_best(trained):
