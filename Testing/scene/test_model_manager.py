@@ -15,7 +15,7 @@ from conftest import CASE
 from DiffSegCore.models.metadata import read_meta
 
 pytest.importorskip("torch", reason="checking an imported bundle's weights needs torch (not in the light 3.12 venv)")
-from test_module import BUNDLED, answer, app, open_module, pump  # noqa: E402,F401  (app is the adapter fixture)
+from test_module import BUNDLED, answer, app, open_module, pump  # noqa: F401  (app is the adapter fixture)
 
 
 def choose_file(monkeypatch, path) -> None:
