@@ -99,13 +99,14 @@ NO_FIT = "does not fit in free memory; lower the ensemble or set Max memory"
 def describe_estimate(meta: dict, size_xyz, spacing_xyz, chosen: dict, available: int | None = None) -> str:
     """One line: the peak memory and sampling time a run of `meta` on a volume of `size_xyz` voxels (x, y, z) at
     `spacing_xyz` mm would plan on the CPU (memory.estimate_run, torch-free), or NO_FIT; '' where it cannot be
-    told (a model.json without the full network settings, settings the model cannot take)."""
+    told (a model.json without the full network settings, settings the model cannot take, a platform whose free
+    memory cannot be read)."""
     from DiffSegCore.inference.memory import GIB, estimate_run
 
     try:
         resolved = run_settings.resolve(meta, chosen)
         plan = estimate_run(meta, tuple(size_xyz), tuple(spacing_xyz), resolved, device="cpu", available=available)
-    except (DiffSegError, KeyError, TypeError, ValueError, ZeroDivisionError):
+    except Exception:  # an estimate must never break the panel: incomplete model.json, no free-memory figure here
         return ""
     if plan is None:
         return NO_FIT

@@ -244,7 +244,7 @@ def test_max_memory_is_bound_and_the_estimate_follows_the_volume_and_settings(ap
     assert "This volume" not in ui.modelInfoLabel.text
 
 
-def test_the_estimate_never_raises_on_a_model_json_without_full_network_settings():
+def test_the_estimate_never_raises_on_a_model_json_without_full_network_settings(monkeypatch):
     from DiffSegLib.logic import describe_estimate
 
     meta = read_meta(resource_path("Models", "hippocampus"))
@@ -253,6 +253,14 @@ def test_the_estimate_never_raises_on_a_model_json_without_full_network_settings
     for broken in (partial, {key: v for key, v in meta.items() if key != "network"}, {**meta, "network": None}):
         assert describe_estimate(broken, (64, 64, 48), (1.0, 1.0, 1.0), {}) == ""
     assert describe_estimate(meta, (64, 64, 48), (1.0, 1.0, 1.0), {"steps": 999}) == ""  # more than it can take
+
+    def unreadable() -> int:  # as on Windows, which has no os.sysconf
+        raise AttributeError("module 'os' has no attribute 'sysconf'")
+
+    from DiffSegCore.inference import memory
+
+    monkeypatch.setattr(memory, "host_available_bytes", unreadable)
+    assert describe_estimate(meta, (64, 64, 48), (1.0, 1.0, 1.0), {}) == ""
 
 
 def test_apply_progress_result_reapply_and_cancel(app, standalone, monkeypatch):
