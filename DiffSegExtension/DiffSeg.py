@@ -31,7 +31,14 @@ def _addCoreToPath() -> None:
 _addCoreToPath()
 
 from DiffSegLib import dependencies  # noqa: E402
-from DiffSegLib.logic import MODEL_SETTINGS, SegmentationLogic, model_meta, start_child  # noqa: E402
+from DiffSegLib.logic import (  # noqa: E402
+    MODEL_SETTINGS,
+    SegmentationLogic,
+    child_error,
+    describe_estimate,
+    model_meta,
+    start_child,
+)
 from DiffSegLib.parameters import PRESEG_CHOICES, Parameters  # noqa: E402
 from DiffSegLib.review_panel import ReviewPanel  # noqa: E402
 from DiffSegLib.scene import find_segmentation_conflict  # noqa: E402
@@ -116,11 +123,23 @@ CHOICE_WIDGETS = {
 CHANGE_SIGNALS = {
     "qMRMLNodeComboBox": "currentNodeChanged(vtkMRMLNode*)",
     "QSpinBox": "valueChanged(int)",
+    "QDoubleSpinBox": "valueChanged(double)",
     "QComboBox": "currentIndexChanged(int)",
     "QCheckBox": "toggled(bool)",
 }
 CHANNEL_ROWS = (("inputVolumeLabel", "inputVolumeSelector"), ("channel2Label", "channel2Selector"),
                 ("channel3Label", "channel3Selector"))
+
+
+def model_tooltip(info) -> str:
+    """What the model list shows when the pointer rests on a model: description, classes and licence."""
+    classes = ", ".join(c["name"] for c in info.classes)
+    return f"{info.title} ({info.id})\n{info.description}\nClasses: {classes}\nLicense: {info.license}"
+
+
+def removable(info) -> bool:
+    """A model with a version in the model cache (downloaded or imported); bundled ones ship with DiffSeg."""
+    return any(v.installed and v.source != "bundled" for v in info.versions)
 
 
 class DiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -134,6 +153,8 @@ class DiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updatingGUI = False
         self._run = None
         self._install = None  # the pip Worker while packages are being installed
+        self._import = None  # the `diffseg models import` Worker while a model is being imported
+        self._modelsBeforeImport = set()  # model ids listed when the import started: the new one is selected
         self._problems = []
         self._models = {}
         self._timer = qt.QTimer()
@@ -158,6 +179,8 @@ class DiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.installButton.connect("clicked(bool)", self.onInstallButton)
         self.ui.modelSelector.connect("currentIndexChanged(int)", self.onModelChanged)
+        self.ui.importModelButton.connect("clicked(bool)", self.onImportModel)
+        self.ui.removeModelButton.connect("clicked(bool)", self.onRemoveModel)
         for name in PARAMETER_WIDGETS.values():
             getattr(self.ui, name).connect(CHANGE_SIGNALS[WIDGET_CLASSES[name]], self.updateParameterNodeFromGUI)
         self.checkDependencies()
@@ -169,11 +192,18 @@ class DiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for name, widgetName in SPIN_SETTINGS.items():
             spin = getattr(self.ui, widgetName)
             spin.minimum, spin.maximum = int(BY_NAME[name].minimum), int(BY_NAME[name].maximum)
+        # 0 is the spin box's special value "Automatic" (settings.py's None); above it settings.py's range.
+        self.ui.maxMemorySpinBox.minimum, self.ui.maxMemorySpinBox.maximum = 0.0, BY_NAME["max_memory"].maximum
         for widgetName, labels in CHOICE_WIDGETS.values():
             combo = getattr(self.ui, widgetName)
             combo.clear()
             for value, label in labels.items():
                 combo.addItem(label, value)
+        # The model list is searchable: typing filters it by any part of a model's title.
+        self._modelCompleter = qt.QCompleter(self.ui.modelSelector.model())
+        self._modelCompleter.setFilterMode(qt.Qt.MatchContains)
+        self._modelCompleter.setCaseSensitivity(qt.Qt.CaseInsensitive)
+        self.ui.modelSelector.setCompleter(self._modelCompleter)
 
     def cleanup(self) -> None:
         """Module reloaded or application closing: stop any run and observers."""
@@ -199,8 +229,9 @@ class DiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _cancelChildren(self) -> None:
         if self._running():
             self._run.cancel()
-        if self._install is not None and self._install.running():
-            self._install.cancel()
+        for worker in (self._install, self._import):
+            if worker is not None and worker.running():
+                worker.cancel()
 
     # parameter node <-> GUI
 
@@ -234,7 +265,7 @@ class DiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 kind = WIDGET_CLASSES[name]
                 if kind == "qMRMLNodeComboBox":
                     widget.setCurrentNode(value)
-                elif kind == "QSpinBox":
+                elif kind in ("QSpinBox", "QDoubleSpinBox"):
                     widget.value = value
                 elif kind == "QComboBox":
                     widget.currentIndex = widget.findData(value)
@@ -254,7 +285,7 @@ class DiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 widget, kind = getattr(self.ui, name), WIDGET_CLASSES[name]
                 if kind == "qMRMLNodeComboBox":
                     setattr(p, field, widget.currentNode())
-                elif kind == "QSpinBox":
+                elif kind in ("QSpinBox", "QDoubleSpinBox"):
                     setattr(p, field, widget.value)
                 elif kind == "QComboBox":
                     if widget.currentIndex >= 0:
@@ -338,8 +369,9 @@ class DiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.modelInfoLabel.text = f"Could not read the model registry: {exc}"
         wasBlocked = self.ui.modelSelector.blockSignals(True)
         self.ui.modelSelector.clear()
-        for modelId, info in self._models.items():
+        for index, (modelId, info) in enumerate(self._models.items()):
             self.ui.modelSelector.addItem(info.title, modelId)
+            self.ui.modelSelector.setItemData(index, model_tooltip(info), qt.Qt.ToolTipRole)
         self.ui.modelSelector.blockSignals(wasBlocked)
         self._showModel()
 
@@ -381,6 +413,8 @@ class DiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             wasBlocked = self.ui.modelSelector.blockSignals(True)
             self.ui.modelSelector.currentIndex = index
             self.ui.modelSelector.blockSignals(wasBlocked)
+        self.ui.modelSelector.toolTip = model_tooltip(info)
+        self.ui.removeModelButton.enabled = removable(info) and not self._busy()
         meta = self._modelMeta() or {}
         channels = ", ".join(c["name"] for c in meta.get("channels", [])) or "unknown until downloaded"
         classes = ", ".join(c["name"] for c in info.classes)
@@ -393,13 +427,100 @@ class DiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             f"<b>Classes:</b> {classes}<br><b>Expected time, end to end:</b> {timing or 'unknown'} per case"
             f"<br><b>License:</b> {info.license}"
         )
+        estimate = self._estimate(meta)
+        if estimate:
+            self.ui.modelInfoLabel.text += f"<br><b>This volume:</b> {estimate}"
+
+    def _estimate(self, meta: dict) -> str:
+        """Memory and sampling time the chosen volume and settings need (DiffSegLib.logic.describe_estimate)."""
+        p = self._parameterNode
+        volume = p.inputVolume
+        if not meta or volume is None or volume.GetImageData() is None:
+            return ""
+        chosen = {name: getattr(p, name) for name in MODEL_SETTINGS}
+        chosen["preseg"] = {"none": "none", "model": "model", "segmentation": "model"}[p.preseg]
+        if p.preseg == "none":
+            chosen.pop("preseg_step")
+        chosen["max_memory"] = p.max_memory or None
+        return describe_estimate(meta, volume.GetImageData().GetDimensions(), volume.GetSpacing(), chosen)
 
     def _channelNames(self) -> list[str]:
         """The chosen model's input channel names (one unnamed channel until they are known)."""
         meta = self._modelMeta()
         return [c["name"] for c in meta["channels"]] if meta else [""]
 
+    def onImportModel(self) -> None:
+        """Choose a model's .zip (or the model.json in its folder) and import it in a child process: checking a
+        bundle's weights needs torch, which the GUI process never loads."""
+        path = qt.QFileDialog.getOpenFileName(
+            None, "DiffSeg: import a model", "", "DiffSeg model (*.zip model.json)"
+        )
+        if not path or self._busy():
+            return
+        source = Path(path).parent if Path(path).name == "model.json" else Path(path)
+        self._modelsBeforeImport = set(self._models)
+        self._appendLog(f"diffseg models import {source}")
+        self._import = start_child(["DiffSegCore", "models", "import", str(source)])
+        self.ui.statusLabel.text = f"Importing {source.name}..."
+        self.ui.progressBar.maximum = 0  # busy: the check does not say how much is left
+        self._updateState()
+        self._timer.start()
+
+    def _pumpImport(self) -> None:
+        for line in self._import.poll_log():
+            self._appendLog(line)
+        if self._import.running():
+            return
+        result, self._import = self._import.result(), None
+        self._timer.stop()
+        self.ui.progressBar.maximum = PROGRESS_MAXIMUM
+        self.ui.progressBar.value = 0
+        if not result.ok:
+            error = child_error(result)
+            self.ui.statusLabel.text = f"Import failed: {error}"
+            slicer.util.errorDisplay(f"DiffSeg could not import the model: {error}")
+            self._updateState()
+            return
+        self.refreshModels()
+        added = [modelId for modelId in self._models if modelId not in self._modelsBeforeImport]
+        if added and self._parameterNode:
+            self._parameterNode.model = added[0]
+            self._applyModelDefaults()
+        self.ui.statusLabel.text = f"Imported {added[0] if added else 'the model'}."
+        self._updateState()
+
+    def onRemoveModel(self) -> None:
+        """Ask, then delete the chosen model's cached versions (registry.remove_model needs no torch)."""
+        info = self._models.get(self._parameterNode.model) if self._parameterNode else None
+        if info is None or not removable(info) or self._busy():
+            return
+        again = "download it again on its next use" if info.origin == "registry" else "import it again to use it"
+        if not slicer.util.confirmOkCancelDisplay(
+            f"Remove {info.title} ({info.id}) from DiffSeg's model cache? You would need to {again}.",
+            windowTitle="DiffSeg: remove a model?",
+        ):
+            return
+        from DiffSegCore.errors import DiffSegError
+        from DiffSegCore.models.registry import remove_model
+
+        try:
+            removed = remove_model(info.id)
+        except (DiffSegError, OSError) as exc:
+            self.ui.statusLabel.text = f"Could not remove {info.id}: {exc}"
+            slicer.util.errorDisplay(self.ui.statusLabel.text)
+            return
+        self.refreshModels()
+        if info.id not in self._models:
+            self._parameterNode.model = ""
+            self.initializeParameterNode()  # the first model, with its defaults
+        self.ui.statusLabel.text = f"Removed {', '.join(removed)}."
+        self._updateState()
+
     # state
+
+    def _busy(self) -> bool:
+        """A run, a package install or a model import is under way."""
+        return self._running() or self._install is not None or self._import is not None
 
     def _updateState(self) -> None:
         p = self._parameterNode
@@ -415,7 +536,8 @@ class DiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         fromSegmentation = p.preseg == "segmentation"
         self.ui.presegSegmentationLabel.visible = self.ui.presegSegmentationSelector.visible = fromSegmentation
         self.ui.presegStepLabel.visible = self.ui.presegStepSpinBox.visible = p.preseg != "none"
-        if self._running() or self._install is not None:
+        self.ui.importModelButton.enabled = not self._busy()
+        if self._busy():
             self.ui.applyButton.enabled = self._running()
             return
         problem = self._inputProblem(len(names))
@@ -486,6 +608,7 @@ class DiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 saveMembers=p.saveMembers,
                 waitForCompletion=False,
                 seed=p.seed,
+                max_memory=p.max_memory or None,
                 overwrite=overwrite,
                 onProgress=self._onProgress,
                 onFinished=self._onFinished,
@@ -500,6 +623,8 @@ class DiffSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _onTimer(self) -> None:
         if self._install is not None:
             self._pumpInstall()
+        elif self._import is not None:
+            self._pumpImport()
         elif self._run is not None:
             self._run.pump()
             if self._running():

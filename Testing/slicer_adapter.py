@@ -100,6 +100,12 @@ class ctkCollapsibleButton(QtWidgets.QGroupBox):
         for child in self.findChildren(QtWidgets.QWidget, options=QtCore.Qt.FindChildOption.FindDirectChildrenOnly):
             child.setVisible(not self._collapsed)
 
+    def showEvent(self, event) -> None:
+        # The .ui sets `collapsed` before QUiLoader adds the children: hide them once they are all there.
+        if self._collapsed:
+            self._set_collapsed(True)
+        super().showEvent(event)
+
     text = QtCore.Property(str, QtWidgets.QGroupBox.title, QtWidgets.QGroupBox.setTitle)
     collapsed = QtCore.Property(bool, lambda self: self._collapsed, _set_collapsed)
 

@@ -7,6 +7,7 @@ builds with); scripts/slicer_api_evidence.py regenerates those records from a cl
 A name is one of:
   slicer.util.NAME / slicer.app.NAME / slicer.CLASS   what Slicer's Python package provides
   qt.CLASS / ctk.CLASS / vtk.CLASS                    classes from PythonQt's modules and VTK
+  qt.CLASS.MEMBER                                     a Qt enum value or static function (qt.Qt.ToolTipRole)
   CLASS.member                                        a member of a widget the panel uses (class from
                                                       DiffSegLib.widgets) or of the module's parent
   Method                                              a VTK/MRML method called on an object (CamelCase,
@@ -76,6 +77,8 @@ def _name_of(chain: list[str], is_call: bool, modules: set[str], in_widget: bool
         if chain[1] == "ScriptedLoadableModule":
             return None
         return ".".join(chain[:2]) if len(chain) == 2 else chain[2]
+    if head == "qt" and len(chain) >= 3:  # qt.Qt.MatchContains, qt.QFileDialog.getOpenFileName: Qt's own
+        return ".".join(chain[:3])
     if head in ("qt", "ctk", "vtk") and len(chain) >= 2:
         return f"{head}.{chain[1]}" if len(chain) == 2 else chain[-1]
     if len(chain) >= 4 and chain[1] == "ui" and chain[2] in WIDGET_CLASSES:  # self.ui.x, or a module widget's

@@ -52,6 +52,12 @@ def segment_with_defaults(widget) -> None:
         raise SystemExit(f"error: the sample run failed: {widget._run.error}")
 
 
+def slicer_app_events() -> None:
+    import slicer
+
+    slicer.app.processEvents()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "images" / "panel.png")
@@ -72,6 +78,10 @@ def main() -> int:
             segment_with_defaults(widget)
         panel = widget.parent
         panel.resize(WIDTH, panel.sizeHint().height())
+        slicer_app_events()
+        # Word-wrapped labels need more height at this width than the size hint (taken at another width) gives.
+        panel.resize(WIDTH, max(panel.heightForWidth(WIDTH), panel.sizeHint().height()))
+        slicer_app_events()
         args.output.parent.mkdir(parents=True, exist_ok=True)
         if not panel.grab().save(str(args.output)):
             raise SystemExit(f"error: could not write {args.output}")

@@ -1,12 +1,13 @@
 """Find where each Slicer/MRML/VTK/CTK/Qt name the extension uses is declared, in Slicer's source at a tag.
 
     python scripts/slicer_api_evidence.py --slicer-git <Slicer.git> [--ctk-git <CTK.git>] [--vtk-git <VTK.git>]
-        [--pytorch-git <SlicerPyTorch.git>] [--tag v5.10.0] [--write]
+        [--pytorch-git <SlicerPyTorch.git>] [--tag v5.10.0] [--write | --add]
 
 Reads the names from Testing/slicer_api.py, searches bare git repositories with `git grep` at
 Slicer's tag (CTK at the revision that tag's SuperBuild/External_CTK.cmake pins), prints what it
 found and, with --write, writes Testing/slicer_api_v5.10.0.json. A name found nowhere is printed
-as MISSING and the script exits 1: the extension calls something Slicer at that tag lacks.
+as MISSING and the script exits 1: the extension calls something Slicer at that tag lacks. --add looks up
+only the names the file lacks and adds them (the other repositories are needed only if a new name is theirs).
 Qt's own classes and members are not in these repositories; they are recorded against the Qt
 version the tag requires (Slicer_REQUIRED_QT_VERSION), as Qt's documented API.
 """
@@ -46,6 +47,7 @@ RECEIVERS = {
     "GetName": "Libs/MRML/Core/vtkMRMLNode.h",
     "GetDisplayNode": "Libs/MRML/Core/vtkMRMLDisplayableNode.h",
     "GetImageData": "Libs/MRML/Core/vtkMRMLVolumeNode.h",
+    "GetSpacing": "Libs/MRML/Core/vtkMRMLVolumeNode.h",
     "SetAndObserveImageData": "Libs/MRML/Core/vtkMRMLVolumeNode.h",
     "GetSegmentation": "Libs/MRML/Core/vtkMRMLSegmentationNode.h",
     "GetSubjectHierarchyNode": "Libs/MRML/Core/vtkMRMLSubjectHierarchyNode.h",
@@ -181,6 +183,7 @@ def main() -> int:
     parser.add_argument("--pytorch-git")
     parser.add_argument("--tag", default="v5.10.0")
     parser.add_argument("--write", action="store_true")
+    parser.add_argument("--add", action="store_true", help="look up only the names the file lacks and add them")
     args = parser.parse_args()
     slicer = Repo("Slicer", args.slicer_git, args.tag)
     ctk_rev = re.search(r'GIT_TAG\s*\n\s*"([0-9a-f]{40})"', slicer.show("SuperBuild/External_CTK.cmake")).group(1)
@@ -188,8 +191,10 @@ def main() -> int:
     ctk = Repo("CTK", args.ctk_git, ctk_rev)
     vtk = Repo("Slicer/VTK", args.vtk_git, args.vtk_rev)
     pytorch = Repo("SlicerPyTorch", args.pytorch_git, "HEAD")
-    found, missing = {}, []
+    found, missing = (json.loads(OUTPUT.read_text()) if args.add else {}), []
     for name, used_at in sorted(used_names().items()):
+        if name in found:
+            continue
         where = find(name, slicer, ctk, vtk, pytorch, qt_version)
         if where is None:
             missing.append(f"MISSING {name} (used at {used_at})")
@@ -197,7 +202,7 @@ def main() -> int:
             found[name] = where
             print(f"{name}: {where}")
     print("\n".join(missing))
-    if args.write and not missing:
+    if (args.write or args.add) and not missing:
         OUTPUT.write_text(json.dumps(found, indent=1, sort_keys=True) + "\n")
         print(f"wrote {OUTPUT.relative_to(ROOT)} ({len(found)} names)")
     return 1 if missing else 0

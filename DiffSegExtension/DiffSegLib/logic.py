@@ -70,6 +70,14 @@ def start_child(module_args: list[str]) -> Worker:
     return worker
 
 
+def child_error(result: WorkerResult) -> str:
+    """The child's own one-line error (the command line's `error: ...` line), else the worker's summary."""
+    for line in reversed(result.log):
+        if line.startswith("error: "):
+            return line[len("error: "):]
+    return result.error
+
+
 def model_meta(model: str) -> dict:
     """Metadata of a bundle path or registry id (the bundle must be local by now); reads no weights."""
     from DiffSegCore.models.metadata import read_meta
@@ -82,6 +90,31 @@ def model_meta(model: str) -> dict:
 def model_settings(model: str, chosen: dict | None = None) -> run_settings.RunSettings:
     """The settings a run of `model` uses, from the core's one merge of defaults (settings.resolve)."""
     return run_settings.resolve(model_meta(model), chosen)
+
+
+# What the panel says when no plan fits the memory the run may take.
+NO_FIT = "does not fit in free memory; lower the ensemble or set Max memory"
+
+
+def describe_estimate(meta: dict, size_xyz, spacing_xyz, chosen: dict, available: int | None = None) -> str:
+    """One line: the peak memory and sampling time a run of `meta` on a volume of `size_xyz` voxels (x, y, z) at
+    `spacing_xyz` mm would plan on the CPU (memory.estimate_run, torch-free), or NO_FIT; '' where it cannot be
+    told (a model.json without the full network settings, settings the model cannot take, a platform whose free
+    memory cannot be read)."""
+    from DiffSegCore.inference.memory import GIB, estimate_run
+
+    try:
+        resolved = run_settings.resolve(meta, chosen)
+        plan = estimate_run(meta, tuple(size_xyz), tuple(spacing_xyz), resolved, device="cpu", available=available)
+    except Exception:  # an estimate must never break the panel: incomplete model.json, no free-memory figure here
+        return ""
+    if plan is None:
+        return NO_FIT
+    how = "the whole volume" if plan.window is None else "windows of " + "x".join(map(str, plan.window))
+    return (
+        f"about {plan.peak_bytes / GIB:.1f} GB of memory at most ({plan.members_per_batch} of {resolved.ensemble} "
+        f"members at once, {how}); sampling about {plan.seconds:.0f} s on a 2-core CPU"
+    )
 
 
 def describe_event(event: dict) -> str:

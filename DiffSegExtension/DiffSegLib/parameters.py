@@ -35,6 +35,7 @@ VALUES: dict[str, Any] = {
     "preseg_step": 0,
     "device": BY_NAME["device"].default,
     "seed": BY_NAME["seed"].default,
+    "max_memory": 0.0,  # GiB; 0 = automatic (settings.py's None: the planner's share of the free memory)
     "saveMembers": False,
 }
 
@@ -44,6 +45,8 @@ def _decode(text: str, default: Any) -> Any:
         return text == "true"
     if isinstance(default, int):
         return int(text)
+    if isinstance(default, float):
+        return float(text)
     return text
 
 
@@ -56,6 +59,8 @@ def _checked(name: str, value: Any) -> Any:
         if value not in PRESEG_CHOICES:
             raise ValueError(f"preseg must be one of {', '.join(PRESEG_CHOICES)}, not {value!r}")
         return value
+    if name == "max_memory" and value == 0:
+        return 0.0  # automatic
     return BY_NAME[name].check(value) if name in BY_NAME else type(VALUES[name])(value)
 
 

@@ -25,15 +25,28 @@ class Review:
     segments: list[dict] = field(default_factory=list)
     uncertainty: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    score: float | None = None  # the case's review score (run.json summary.review_score); None for one member
 
     @classmethod
     def from_record(cls, path: Path) -> Review:
         """The review of a run record (`<case>_run.json`) written by the core."""
         record = json.loads(Path(path).read_text())
-        return cls(record.get("review", []), record.get("uncertainty", {}), list(record.get("warnings", [])))
+        score = (record.get("summary") or {}).get("review_score")
+        return cls(record.get("review", []), record.get("uncertainty", {}), list(record.get("warnings", [])), score)
 
     def to_json(self) -> str:
-        return json.dumps({"segments": self.segments, "uncertainty": self.uncertainty, "warnings": self.warnings})
+        return json.dumps(
+            {"segments": self.segments, "uncertainty": self.uncertainty, "warnings": self.warnings, "score": self.score}
+        )
+
+    def describe_score(self) -> str:
+        """The case's review score in words, or '' without one (core: DiffSegCore/inference/case_score.py)."""
+        if self.score is None:
+            return ""
+        return (
+            f"Review score {self.score:.3f}: how much the members disagree with the result (1 - their mean Dice "
+            "against it); 0 = they all agree, higher = review this case first."
+        )
 
     def attach(self, node) -> None:
         """Keep the review with the segmentation node (a node attribute, saved with the scene)."""

@@ -72,11 +72,12 @@ class ReviewPanel:
         bridge.set_uncertainty_opacity(uncertainty, self.ui.uncertaintyOpacitySlider.value)
         warning = review.zero_uncertainty_warning()
         low, high = DISPLAY_RANGE
-        self.ui.reviewInfoLabel.text = (
-            f"Warning: {warning}."
-            if warning
-            else f"Uncertainty: {DEFINITION}; shown from {low:g} to {high:g}. Click a segment to go to its most "
-            "uncertain region."
+        guide = (
+            f"Uncertainty: {DEFINITION}; shown from {low:g} to {high:g}. Click a segment to go to its most uncertain "
+            "region."
+        )
+        self.ui.reviewInfoLabel.text = f"Warning: {warning}." if warning else " ".join(
+            filter(None, [review.describe_score(), guide])
         )
         self.ui.nextRegionButton.enabled = False
         self.ui.show3DButton.enabled = True

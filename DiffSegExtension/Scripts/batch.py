@@ -4,7 +4,8 @@
         --input DIR --output DIR --model ID [--steps K --ensemble N --sampler ddim ...]
 
 Writes <case>.seg.nrrd and <case>_uncertainty.nrrd per case and prints a table: per segment its
-volume (mL) and mean uncertainty inside it and on its boundary. Channel files follow the nnU-Net
+volume (mL) and mean uncertainty inside it and on its boundary, with the case's review score (higher =
+review first). Channel files follow the nnU-Net
 naming (<case>_0000, <case>_0001, ...). Also runs with plain Python on a slicer-core scene (how the
 tests drive it).
 """
@@ -99,18 +100,21 @@ def run(args: argparse.Namespace) -> int:
             bridge.write_volume(uncertainty, args.output / f"{name}_uncertainty.nrrd")
             for k, member in enumerate(logic.activeRun.memberSegmentationNodes, start=1):
                 save_segmentation(member, args.output / f"{name}_member{k}.seg.nrrd")
-            rows.append((name, "ok", time.monotonic() - started, Review.of(segmentation).rows()))
+            review = Review.of(segmentation)
+            score = "-" if review.score is None else f"{review.score:.3f}"
+            rows.append((name, "ok", time.monotonic() - started, score, review.rows()))
         except Exception as exc:  # one bad case must not stop the batch
             failures += 1
-            rows.append((name, f"failed: {exc}", time.monotonic() - started, [("-",) * 5]))
+            rows.append((name, f"failed: {exc}", time.monotonic() - started, "-", [("-",) * 5]))
         finally:
             for node in nodes:
                 scene.RemoveNode(node)
-    # One line per segment: the core's review figures (volume, mean uncertainty inside and on the boundary).
-    print(f"{'case':<24} {'seconds':>7}  {'segment':<24} {'mL':>8} {'inside':>7} {'boundary':>8}  status")
-    for name, status, seconds, segments in rows:
+    # One line per segment: the core's review figures (volume, mean uncertainty inside and on the boundary) and the
+    # case's review score (DiffSegCore/inference/case_score.py).
+    print(f"{'case':<24} {'seconds':>7} {'score':>6}  {'segment':<24} {'mL':>8} {'inside':>7} {'boundary':>8}  status")
+    for name, status, seconds, score, segments in rows:
         for segment, volume, inside, boundary, _ in segments:
-            print(f"{name:<24} {seconds:7.1f}  {segment:<24} {volume:>8} {inside:>7} {boundary:>8}  {status}")
+            print(f"{name:<24} {seconds:7.1f} {score:>6}  {segment:<24} {volume:>8} {inside:>7} {boundary:>8}  {status}")
     print(f"{len(rows) - failures} of {len(rows)} case(s) segmented; results in {args.output}")
     return 1 if failures else 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -121,6 +122,7 @@ def cli_outputs(tiny_bundle, tmp_path_factory):
     return {
         "labels": sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{name}_seg.nii.gz"))),
         "uncertainty": sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{name}_uncertainty.nii.gz"))),
+        "review_score": json.loads((out / f"{name}_run.json").read_text())["summary"]["review_score"],
     }
 
 

@@ -55,6 +55,9 @@ def test_batch_segments_a_folder_and_reports_bad_cases(standalone, tiny_bundle, 
         voxel_ml = np.prod(volume.GetSpacing()) / 1000
         volume_ml = f"{(cli_outputs['labels'] == cls['value']).sum() * voxel_ml:.2f}"
         assert any(cls["name"] in line and f" {volume_ml} " in line for line in result.stdout.splitlines()), cls
+    # and the case's review score, as the command line computes it for the same input and seed
+    score = f" {cli_outputs['review_score']:.3f} "
+    assert [line for line in result.stdout.splitlines() if line.startswith("hippocampus_001") and score in line]
 
     # the uncertainty volume has the input's grid and the CLI's values
     uncertainty, image = sitk.ReadImage(str(out / "hippocampus_001_uncertainty.nrrd")), sitk.ReadImage(str(CASE))

@@ -11,7 +11,7 @@ from conftest import ROOT
 # packaging ship with Slicer 5.10).
 NOT_IN_SLICER = ("torch", "monai", "jsonschema", "platformdirs", "filelock", "tqdm", "requests", "safetensors", "scipy")
 
-# What the panel does before a run: import its modules, list the models, show a model's settings.
+# What the panel does before a run: import its modules, list the models, show a model's settings and estimate.
 GUI_SESSION = f"""
 import sys
 sys.modules.update(dict.fromkeys({NOT_IN_SLICER!r}))  # None: import fails, find_spec says absent
@@ -23,6 +23,8 @@ models = list_models()
 bundled = [m for m in models if m.current.installed][0]
 shown = logic.model_settings(str(bundled.current.path))
 flags = shown.to_flags()
+estimate = logic.describe_estimate(logic.model_meta(str(bundled.current.path)), (240, 240, 155), (1.0, 1.0, 1.0), {{}})
+assert "GB of memory" in estimate, estimate  # the panel's memory estimate is torch-free too
 print(bundled.id, shown.steps, len(flags) > 0, sorted(m for m in {NOT_IN_SLICER!r} if sys.modules[m] is not None))
 """
 

@@ -57,9 +57,9 @@ def open_module(app):
 
 
 def pump(widget, timeout: float = 240.0) -> None:
-    """Let Qt run the panel's timer until the run or install ends."""
+    """Let Qt run the panel's timer until the run, install or model import ends."""
     deadline = time.monotonic() + timeout
-    while widget._running() or widget._install is not None:
+    while widget._busy():
         slicer.app.processEvents()
         time.sleep(0.02)
         assert time.monotonic() < deadline, "the run did not end"
@@ -144,6 +144,8 @@ def test_model_defaults_come_from_the_registry_before_a_download(app, standalone
     assert (ui.inputVolumeLabel.text, ui.channel2Label.text) == ("FLAIR:", "T1c:")
     assert ui.channel2Selector.visible and not ui.channel3Selector.visible
     assert not ui.applyButton.enabled and "2 input channels" in ui.applyButton.toolTip
+    # its registry entry has no network settings: no memory estimate, and nothing raised
+    assert "This volume" not in ui.modelInfoLabel.text
 
 
 def _wheel(folder, name: str, version: str):
@@ -208,6 +210,59 @@ def test_a_package_too_old_is_reported_with_both_versions(monkeypatch):
     assert problem.requirement == "pytest>=999"
 
 
+def test_max_memory_is_bound_and_the_estimate_follows_the_volume_and_settings(app, standalone):
+    from DiffSegLib.logic import NO_FIT
+
+    from DiffSegCore.inference.memory import GIB, estimate_run
+    from DiffSegCore.settings import resolve
+
+    volume = standalone.load_volume(CASE, "hippocampus_001")
+    widget = open_module(app)
+    ui, p = widget.ui, widget._parameterNode
+    spin = ui.maxMemorySpinBox
+    # in the Advanced section, 0 = automatic (settings.py's None), then settings.py's range
+    assert spin.parent() == ui.advancedCollapsibleButton and spin.specialValueText == "Automatic"
+    assert (spin.minimum, spin.maximum, spin.value, p.max_memory) == (0.0, BY_NAME["max_memory"].maximum, 0.0, 0.0)
+
+    # the estimate, from the volume's size and spacing and the model's resolved settings, beside the expected time
+    meta = read_meta(resource_path("Models", "hippocampus"))
+    plan = estimate_run(meta, volume.GetImageData().GetDimensions(), volume.GetSpacing(), resolve(meta))
+    text = ui.modelInfoLabel.text
+    assert text.index("Expected time") < text.index("This volume:")
+    assert f"about {plan.peak_bytes / GIB:.1f} GB of memory" in text
+    assert f"{plan.members_per_batch} of {meta['defaults']['ensemble']} members at once" in text
+
+    # a larger ensemble changes it; a cap below what a run needs says so
+    ui.ensembleSpinBox.value = 20
+    assert "of 20 members at once" in ui.modelInfoLabel.text
+    spin.value = 0.2
+    assert p.max_memory == 0.2 and NO_FIT in ui.modelInfoLabel.text
+    spin.value = 0.0
+    assert p.max_memory == 0.0 and NO_FIT not in ui.modelInfoLabel.text
+    # without a volume, no estimate
+    p.inputVolume = None
+    assert "This volume" not in ui.modelInfoLabel.text
+
+
+def test_the_estimate_never_raises_on_a_model_json_without_full_network_settings(monkeypatch):
+    from DiffSegLib.logic import describe_estimate
+
+    meta = read_meta(resource_path("Models", "hippocampus"))
+    assert "GB of memory" in describe_estimate(meta, (64, 64, 48), (1.0, 1.0, 1.0), {})
+    partial = {**meta, "network": {"kind": "diffusion", "num_classes": 3}}  # no widths, no image channels
+    for broken in (partial, {key: v for key, v in meta.items() if key != "network"}, {**meta, "network": None}):
+        assert describe_estimate(broken, (64, 64, 48), (1.0, 1.0, 1.0), {}) == ""
+    assert describe_estimate(meta, (64, 64, 48), (1.0, 1.0, 1.0), {"steps": 999}) == ""  # more than it can take
+
+    def unreadable() -> int:  # as on Windows, which has no os.sysconf
+        raise AttributeError("module 'os' has no attribute 'sysconf'")
+
+    from DiffSegCore.inference import memory
+
+    monkeypatch.setattr(memory, "host_available_bytes", unreadable)
+    assert describe_estimate(meta, (64, 64, 48), (1.0, 1.0, 1.0), {}) == ""
+
+
 def test_apply_progress_result_reapply_and_cancel(app, standalone, monkeypatch):
     pytest.importorskip("torch", reason="the run itself needs the core's packages (not in the light 3.12 venv)")
     scene = standalone.scene
@@ -222,6 +277,7 @@ def test_apply_progress_result_reapply_and_cancel(app, standalone, monkeypatch):
     widget = open_module(app)
     ui, p = widget.ui, widget._parameterNode
     p.ensemble, p.device = FAST["ensemble"], FAST["device"]
+    ui.maxMemorySpinBox.value = 3.0
     progress: list[int] = []
     ui.progressBar._qobject.valueChanged.connect(progress.append)
 
@@ -243,6 +299,11 @@ def test_apply_progress_result_reapply_and_cancel(app, standalone, monkeypatch):
         assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(node)) == study
         assert node.GetTransformNodeID() == transform.GetID()
     assert segmentation.GetAttribute("DiffSeg.device") == "cpu"  # what ran, not "auto"
+    # Max memory reached the run; settings the panel does not show take the model's defaults (settings.resolve)
+    assert float(segmentation.GetAttribute("DiffSeg.max_memory")) == 3.0
+    defaults = read_meta(resource_path("Models", "hippocampus"))["defaults"]
+    assert float(segmentation.GetAttribute("DiffSeg.foreground_threshold")) == defaults["foreground_threshold"]
+    assert segmentation.GetAttribute("DiffSeg.precision") == BY_NAME["precision"].default
     segments = segmentation.GetSegmentation()
     terms = [segments.GetNthSegment(i).GetTerminology() for i in range(segments.GetNumberOfSegments())]
     assert "Anterior" in terms[0] and "Posterior" in terms[1]

@@ -47,6 +47,9 @@ def test_review_section_after_a_run(app, standalone):  # noqa: F811
         list(row) for row in rows
     ]
     assert "0.5" in ui.reviewInfoLabel.text and ui.show3DButton.enabled and not ui.nextRegionButton.enabled
+    # the case's review score (run.json summary.review_score) heads the section
+    assert review.score is not None and 0.0 <= review.score <= 1.0
+    assert ui.reviewInfoLabel.text.startswith(f"Review score {review.score:.3f}:")
 
     # a row click goes to the segment's most uncertain region, Next to the one after it
     segment = max(range(len(rows)), key=lambda r: len(review.segments[r]["regions"]))

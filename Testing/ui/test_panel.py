@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -76,60 +77,18 @@ def test_parameter_bindings_match_the_ui(app):
         assert field in NODE_ROLES or field in VALUES, f"parameter node lacks {field}"
 
 
-class ctkCollapsibleButton(QtWidgets.QGroupBox):
-    """Screenshot stand-in for ctkCollapsibleButton: a titled frame (its 'text' is the title)."""
-
-    def _text(self) -> str:
-        return self.title()
-
-    text = QtCore.Property(str, _text, QtWidgets.QGroupBox.setTitle)
-
-
-class qMRMLNodeComboBox(QtWidgets.QComboBox):
-    """Screenshot stand-in for qMRMLNodeComboBox: shows the node a user would pick."""
-
-    def __init__(self, parent=None):
-        super().__init__(parent)
-        self.addItem("")
-
-    def _none(self) -> str:
-        return self.itemText(0)
-
-    def _set_none(self, text: str) -> None:
-        self.setItemText(0, text)
-
-    noneDisplay = QtCore.Property(str, _none, _set_none)
-
-
-def test_panel_screenshot(app):
-    """A picture of the panel for the README, with stand-ins drawing the CTK/MRML widgets."""
-    loader = QtUiTools.QUiLoader()
-    loader.registerCustomWidget(ctkCollapsibleButton)
-    loader.registerCustomWidget(qMRMLNodeComboBox)
-    panel = load(loader)
-    panel.findChild(QtWidgets.QComboBox, "inputVolumeSelector").setItemText(0, "hippocampus_001")
-    panel.findChild(QtWidgets.QComboBox, "modelSelector").addItem("Hippocampus (MR) - recycling diffusion")
-    panel.findChild(QtWidgets.QLabel, "modelInfoLabel").setText(
-        "<b>Hippocampus (MR) - recycling diffusion</b><br>Anterior and posterior hippocampus on T1-weighted MR."
-        "<br><b>Classes:</b> Anterior hippocampus, Posterior hippocampus<br><b>Expected time:</b> 2 s on GPU / 20 s on CPU"
-    )
-    for name in ("dependencyFrame", "channel2Label", "channel2Selector", "channel3Label", "channel3Selector"):
-        panel.findChild(QtWidgets.QWidget, name).hide()
-    for name in ("presegSegmentationLabel", "presegSegmentationSelector", "presegStepLabel", "presegStepSpinBox"):
-        panel.findChild(QtWidgets.QWidget, name).hide()
-    from DiffSegCore.settings import DEVICES, SAMPLERS
-
-    # In Slicer, connectGui fills these from the parameter node's Choice; here the picture does it.
-    panel.findChild(QtWidgets.QComboBox, "samplerComboBox").addItems(list(SAMPLERS))
-    panel.findChild(QtWidgets.QComboBox, "deviceComboBox").addItems(list(DEVICES))
-    panel.findChild(QtWidgets.QPushButton, "applyButton").setEnabled(True)
-    panel.resize(440, 640)
-    panel.show()
-    app.processEvents()
-    image = panel.grab()
-    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-    assert image.save(str(SCREENSHOT))
-    assert QtGui.QImage(str(SCREENSHOT)).width() == 440
+def test_panel_picture_script_draws_the_real_panel_elsewhere_than_the_readme(tmp_path):
+    """scripts/panel_image.py (the README picture) on the real panel before a run, written to a test folder:
+    no test overwrites docs/images/panel.png."""
+    before = SCREENSHOT.read_bytes() if SCREENSHOT.exists() else None
+    output = tmp_path / "panel.png"
+    command = [sys.executable, str(ROOT / "scripts" / "panel_image.py"), "--no-run", "--output", str(output)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "QT_QPA_PLATFORM": "offscreen"})
+    assert result.returncode == 0, result.stderr
+    image = QtGui.QImage(str(output))
+    assert image.width() == 460 and image.height() > 400
+    assert (SCREENSHOT.read_bytes() if SCREENSHOT.exists() else None) == before
 
 
 def test_parameter_node_takes_names_and_defaults_from_settings():
