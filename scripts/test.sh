@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/setup312.sh
 export QT_QPA_PLATFORM=offscreen
+# UTF-8 mode: a library in the suite can switch the C locale to ASCII mid-run, and text files and child output are UTF-8
+export PYTHONUTF8=1
 .venv/bin/ruff check .
 .venv/bin/python -m pytest -n 2 --durations=15 Testing "$@"
 # Python 3.12: the core must at least compile; the Slicer-side modules and the panel run for real.

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -217,10 +218,36 @@ def host_available_bytes() -> int:
         for line in meminfo:
             if line.startswith("MemAvailable:"):
                 available = int(line.split()[1]) * 1024
-    if available is None:  # not Linux: the pages the OS reports free
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if available is None:  # not Linux
+        available = _free_bytes_elsewhere()
     headroom = cgroup_headroom_bytes()
     return available if headroom is None else min(available, headroom)
+
+
+UNKNOWN_FREE_BYTES = 4 << 30  # assumed where the OS does not say: what a laptop with Slicer open usually has left
+
+
+def _free_bytes_elsewhere() -> int:
+    """Free physical memory on Windows (GlobalMemoryStatusEx) or other POSIX systems (sysconf pages); macOS
+    reports neither, so a modest amount is assumed there."""
+    if sys.platform == "win32":
+        import ctypes
+
+        class MemoryStatus(ctypes.Structure):
+            _fields_ = [("length", ctypes.c_ulong), ("load", ctypes.c_ulong)] + [
+                (name, ctypes.c_ulonglong)
+                for name in ("total", "available", "page_total", "page_free", "virtual_total", "virtual_free", "extended")
+            ]
+
+        status = MemoryStatus()
+        status.length = ctypes.sizeof(MemoryStatus)
+        if ctypes.windll.kernel32.GlobalMemoryStatusEx(ctypes.byref(status)):
+            return int(status.available)
+        return UNKNOWN_FREE_BYTES
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return UNKNOWN_FREE_BYTES
 
 
 def cgroup_headroom_bytes(root: Path = Path("/sys/fs/cgroup")) -> int | None:

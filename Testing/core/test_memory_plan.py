@@ -125,6 +125,23 @@ def test_model_grid_shape_is_the_shape_preprocessing_gives(hippocampus_case):
     assert model_grid_shape(image.GetSize(), image.GetSpacing(), meta["spacing"]) == tuple(array.shape[1:])
 
 
+def test_free_memory_off_linux_from_sysconf_or_a_stated_assumption(monkeypatch):
+    from DiffSegCore.inference import memory
+
+    pages = {"SC_AVPHYS_PAGES": 1000, "SC_PAGE_SIZE": 4096}
+    monkeypatch.setattr(memory.os, "sysconf", pages.__getitem__)
+    assert memory._free_bytes_elsewhere() == 1000 * 4096
+
+    def unsupported(name: str) -> int:
+        raise ValueError(f"unrecognized configuration name {name}")  # what macOS says for SC_AVPHYS_PAGES
+
+    monkeypatch.setattr(memory.os, "sysconf", unsupported)
+    assert memory._free_bytes_elsewhere() == memory.UNKNOWN_FREE_BYTES
+    monkeypatch.delattr(memory.os, "sysconf")  # Windows has no sysconf (and takes the GlobalMemoryStatusEx path)
+    if memory.sys.platform != "win32":
+        assert memory._free_bytes_elsewhere() == memory.UNKNOWN_FREE_BYTES
+
+
 def test_cgroup_headroom_v1_v2_and_no_limit(tmp_path: Path):
     assert cgroup_headroom_bytes(tmp_path) is None
     (tmp_path / "memory").mkdir()
