@@ -7,6 +7,7 @@ import json
 import shlex
 from pathlib import Path
 
+from DiffSegCore.errors import InputError
 from DiffSegCore.io.atomic import write_text
 
 
@@ -25,4 +26,9 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def write_json(path: Path, data) -> None:
-    write_text(path, json.dumps(data, indent=1) + "\n")
+    """Write `data` as JSON to `path` atomically, creating its folder; a place that cannot be written is one line."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text(path, json.dumps(data, indent=1) + "\n")
+    except OSError as exc:
+        raise InputError(f"cannot write {path} ({exc.strerror or exc}); choose a writable place for it") from None

@@ -67,3 +67,15 @@ def test_segment_prints_every_path_it_writes(tmp_path, tiny_bundle, small_case):
     assert len(written) == 4  # segmentation, uncertainty, preview, run record
     for path in written:
         assert str(path) in result.stdout, (path, result.stdout)
+
+
+def test_json_results_go_into_a_new_folder_or_give_one_line(tmp_path):
+    from DiffSegCore.cli.records import write_json
+    from DiffSegCore.errors import InputError
+
+    nested = tmp_path / "runs" / "abdomen" / "eval.json"  # `evaluate --json` into a folder that is not there yet
+    write_json(nested, {"mean": 0.5})
+    assert json.loads(nested.read_text(encoding="utf-8")) == {"mean": 0.5}
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match=r"cannot write .* choose a writable place"):
+        write_json(tmp_path / "file" / "eval.json", {})
