@@ -377,6 +377,15 @@ def output_dir(smoke: bool) -> Path:
     return folder
 
 
+def bundle_fields(bundle: ModelBundle, data: Data) -> dict:
+    """What a sampling study's results name of the model it sampled and the cases it scored."""
+    return {
+        "bundle": bundle.meta["id"],
+        "bundle_version": bundle.meta.get("version"),
+        "cases": [c.name for c in data.validation],
+    }
+
+
 def write_result(study: str, payload: dict, smoke: bool) -> Path:
     """benchmarks/results/<study>.json (smoke runs: runs/studies/smoke/), with machine and command."""
     path = output_dir(smoke) / f"{study}.json"

@@ -12,6 +12,7 @@ import torch
 from monai.transforms.utils_morphological_ops import dilate, erode
 from studies_common import (
     budget_from,
+    bundle_fields,
     default_bundle,
     load_data,
     member_probabilities,
@@ -127,12 +128,10 @@ def main() -> None:
     write_result(
         STUDY,
         {
-            "bundle": bundle.meta["id"],
-            "bundle_version": bundle.meta.get("version"),
+            **bundle_fields(bundle, data),
             "trained_steps": trained_steps,
             "sampler": args.sampler,
             "members": members,
-            "cases": [c.name for c in data.validation],
             "budget": f"no training; {len(data.validation)} validation cases, {members} members per cell, 1 CPU thread",
             "paper": "guo2022 (WMH, T=1000): best Dice at T'=300; Table 2: pre-seg Dice 0.000/0.754/0.799 -> PD-DDPM 0.353/0.790/0.812",
             "no_preseg": {"steps": trained_steps, **summary(baseline)},

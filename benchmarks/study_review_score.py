@@ -17,7 +17,16 @@ import numpy as np
 import torch
 from scipy import ndimage
 from scipy.stats import spearmanr
-from studies_common import RUNS, budget_from, bundle_fingerprint, default_bundle, load_data, parser, write_result
+from studies_common import (
+    RUNS,
+    budget_from,
+    bundle_fields,
+    bundle_fingerprint,
+    default_bundle,
+    load_data,
+    parser,
+    write_result,
+)
 
 from DiffSegCore.evaluation.metrics import case_metrics
 from DiffSegCore.inference.case_score import review_score
@@ -165,9 +174,7 @@ def main() -> None:
     write_result(
         STUDY,
         {
-            "bundle": bundle.meta["id"],
-            "bundle_version": bundle.meta.get("version"),
-            "cases": [c.name for c in data.validation],
+            **bundle_fields(bundle, data),
             "budget": f"no training; {len(cases)} validation cases, 1 sampling step, DDIM, seed 0",
             "sets": sets,
             "levers": levers,

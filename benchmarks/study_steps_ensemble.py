@@ -12,6 +12,7 @@ import time
 import numpy as np
 from studies_common import (
     budget_from,
+    bundle_fields,
     default_bundle,
     load_data,
     member_probabilities,
@@ -75,10 +76,8 @@ def main() -> None:
     write_result(
         STUDY,
         {
-            "bundle": bundle.meta["id"],
-            "bundle_version": bundle.meta.get("version"),
+            **bundle_fields(bundle, data),
             "trained_steps": trained_steps,
-            "cases": [c.name for c in data.validation],
             "budget": f"no training; {len(data.validation)} validation cases, members 1..{max(sizes)}, 1 CPU thread",
             "paper": "bieder2023 Fig. 5 / Table 3 (BraTS): ensembling raises Dice 0.821->0.856 (FullRes, 1->15), "
             "~20 DDIM steps close to 1000",

@@ -13,6 +13,7 @@ from monai.metrics import compute_roc_auc
 from scipy.stats import spearmanr
 from studies_common import (
     budget_from,
+    bundle_fields,
     default_bundle,
     load_data,
     member_probabilities,
@@ -113,9 +114,7 @@ def main() -> None:
     write_result(
         STUDY,
         {
-            "bundle": bundle.meta["id"],
-            "bundle_version": bundle.meta.get("version"),
-            "cases": [c.name for c in data.validation],
+            **bundle_fields(bundle, data),
             "budget": f"no training; {len(data.validation)} validation cases, {step_counts} steps, members up to {max(sizes)}",
             "paper": "bieder2023 / guo2022 show variance maps qualitatively; no AUROC is reported there",
             "results": results,
