@@ -10,7 +10,7 @@ from pathlib import Path
 from DiffSegCore import settings
 from DiffSegCore.errors import CasesFailed, InputError, one_line
 from DiffSegCore.events import NOTE
-from DiffSegCore.io.cases import collect_cases
+from DiffSegCore.io.cases import channel_mismatch, collect_cases
 from DiffSegCore.progress import RunProgress
 
 
@@ -119,21 +119,14 @@ def run_segment(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_channels(name: str, paths: list[Path], meta: dict) -> None:
-    expected = len(meta["channels"])
-    if len(paths) != expected:
-        raise InputError(
-            f"case {name} has {len(paths)} channel file(s) but model {meta['id']} needs {expected}; "
-            "name channel files <case>_0000, <case>_0001, ..."
-        )
-
-
 def _dry_run(bundle, cases: dict[str, list[Path]], run_settings: settings.RunSettings, progress: RunProgress) -> int:
     """Print each case's plan, estimated peak memory and expected sampling time (`--dry-run`)."""
     from DiffSegCore.inference.pipeline import plan_case
 
     for name, paths in cases.items():
-        _check_channels(name, paths, bundle.meta)
+        mismatch = channel_mismatch(name, paths, bundle.meta)
+        if mismatch:
+            raise InputError(mismatch)
         shape, plan = plan_case(bundle, paths, run_settings)
         estimate = plan.estimate
         line = (

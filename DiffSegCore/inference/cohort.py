@@ -30,6 +30,7 @@ from DiffSegCore.inference.pipeline import (
 from DiffSegCore.inference.plan import resolve_device
 from DiffSegCore.inference.ranks import Distributed
 from DiffSegCore.io.atomic import write_text
+from DiffSegCore.io.cases import channel_mismatch
 from DiffSegCore.models.bundle import ModelBundle
 from DiffSegCore.progress import RunProgress
 from DiffSegCore.settings import RunSettings
@@ -70,18 +71,13 @@ def _same_run(record: dict, bundle: ModelBundle, settings: RunSettings) -> bool:
     return (model.get("id"), model.get("version")) == (bundle.meta["id"], bundle.meta["version"]) and ran == wanted
 
 
-def refusal(name: str, paths: list[Path], targets: dict[str, Path], inputs: set[Path], channels: int) -> str:
+def refusal(name: str, paths: list[Path], targets: dict[str, Path], inputs: set[Path], meta: dict) -> str:
     """Why a case cannot be segmented at all ('' when it can): an output would replace an input, or the
     case has the wrong number of channel files."""
     clash = next((p for p in targets.values() if p.resolve() in inputs), None)
     if clash is not None:
         return f"output {clash} would replace an input; choose another --output-dir"
-    if len(paths) != channels:
-        return (
-            f"case {name} has {len(paths)} channel file(s) but the model needs {channels}; "
-            "name channel files <case>_0000, <case>_0001, ..."
-        )
-    return ""
+    return channel_mismatch(name, paths, meta)
 
 
 def earlier_outcome(
@@ -131,7 +127,6 @@ def segment_cases(
     (default: where it pays, see `overlap_pays`).
     """
     overlap = overlap_pays(settings) if overlap is None else overlap
-    channels = len(bundle.meta["channels"])
     inputs = {p.resolve() for paths in cases.values() for p in paths}
     outcomes: dict[str, CaseOutcome] = {}
 
@@ -143,7 +138,7 @@ def segment_cases(
     todo: list[str] = []
     for name, paths in cases.items():
         targets = output_targets(name, output_dir, settings, options)
-        refused = refusal(name, paths, targets, inputs, channels)
+        refused = refusal(name, paths, targets, inputs, bundle.meta)
         earlier = None if refused or options.overwrite else earlier_outcome(name, targets, bundle, settings)
         if refused or (earlier is not None and earlier.status == FAILED):
             failed(name, InputError(refused or earlier.message))

@@ -57,3 +57,14 @@ def collect_cases(inputs: list[str | Path]) -> dict[str, list[Path]]:
         else:
             files.append(item)
     return {**dicom, **group_by_case(files)}
+
+
+def channel_mismatch(name: str, paths: list[Path], meta: dict) -> str:
+    """Why a case's files do not fit the model's input channels ('' when they do)."""
+    expected = len(meta["channels"])
+    if len(paths) == expected:
+        return ""
+    return (
+        f"case {name} has {len(paths)} channel file(s) but model {meta['id']} needs {expected}; "
+        "name channel files <case>_0000, <case>_0001, ..."
+    )
