@@ -56,6 +56,14 @@ def add_train_parser(subparsers) -> None:
     g.add_argument("--ema", type=float, default=d.ema, help="EMA decay (0: off)")
     g.add_argument("--no-augment", dest="augment", action="store_false")
     g.add_argument("--affine-prob", type=float, default=d.affine_prob)
+    g.add_argument(
+        "--mirror-axes",
+        type=int,
+        nargs="+",
+        default=[],
+        metavar="AXIS",
+        help="mirror samples along these spatial axes (0 z, 1 y, 2 x), each with probability 0.5",
+    )
     g.add_argument("--val-every", type=int, default=d.val_every)
     g.add_argument("--val-steps", type=int, default=d.val_steps)
     g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
@@ -96,6 +104,7 @@ def _config(args):
         ema=args.ema,
         augment=args.augment,
         affine_prob=args.affine_prob,
+        mirror_axes=args.mirror_axes,
         val_every=args.val_every,
         val_steps=args.val_steps,
         checkpoint_every=args.checkpoint_every,

@@ -95,6 +95,7 @@ class TrainConfig(OptimiserConfig):
     eps_weight: float = 0.1
     augment: bool = True
     affine_prob: float = 0.5
+    mirror_axes: list[int] = field(default_factory=list)
     val_every: int = 200
     val_steps: int = 5
     checkpoint_every: int = 100
@@ -110,6 +111,8 @@ class TrainConfig(OptimiserConfig):
             raise InputError(f"unknown --prediction '{self.prediction}'; use x0 or eps")
         if self.iterations < 1 or self.batch < 1 or self.train_steps < 1:
             raise InputError("--iterations, --batch and --train-steps must be at least 1")
+        if any(axis not in (0, 1, 2) for axis in self.mirror_axes):
+            raise InputError(f"--mirror-axes {self.mirror_axes}: use spatial axes 0 (z), 1 (y) and 2 (x)")
 
     def network_config(self, image_channels: int, num_classes: int) -> dict:
         return {

@@ -209,6 +209,7 @@ def train(
         config.coords,
         config.centre_bias,
         config.affine_prob,
+        tuple(config.mirror_axes),
     )
     end = config.iterations if stop_after is None else min(config.iterations, state.step + stop_after)
     order = [

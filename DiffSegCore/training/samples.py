@@ -12,6 +12,7 @@ from monai.transforms import (
     Compose,
     RandAdjustContrastd,
     RandAffined,
+    RandFlipd,
     RandGaussianNoised,
     RandScaleIntensityd,
     RandShiftIntensityd,
@@ -23,13 +24,18 @@ from torch.utils.data import Dataset
 from DiffSegCore.training.cache import CachedCase
 
 
-def augmentation(enabled: bool = True, affine_prob: float = 0.5) -> Compose:
-    """Spatial (rotation, scaling, translation) and intensity augmentation (fu2023 section 4)."""
+def augmentation(enabled: bool = True, affine_prob: float = 0.5, mirror_axes: tuple[int, ...] = ()) -> Compose:
+    """Spatial (rotation, scaling, translation, mirroring) and intensity augmentation (fu2023 section 4).
+
+    mirror_axes: spatial axes of the (C, z, y, x) sample, each mirrored with probability 0.5 (as
+    nnU-Net does), so that test-time members may mirror their input along the same axes.
+    """
     if not enabled:
         return Compose([])
     keys = ("image", "label")
     return Compose(
-        [
+        [RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in mirror_axes]
+        + [
             RandAffined(
                 keys,
                 prob=affine_prob,
@@ -90,9 +96,10 @@ class TrainingSamples(Dataset):
         coords: bool = False,
         centre_bias: float = 0.25,
         affine_prob: float = 0.5,
+        mirror_axes: tuple[int, ...] = (),
     ):
         self.cases, self.size, self.seed = cases, tuple(size), seed
-        self.transform = augmentation(augment, affine_prob)
+        self.transform = augmentation(augment, affine_prob, mirror_axes)
         self.coords, self.centre_bias = coords, centre_bias
         self.pad = SpatialPadd(("image", "label"), spatial_size=self.size, mode=("edge", "constant"))
 
