@@ -67,7 +67,15 @@ def sample_sources(bundle, case) -> dict[str, np.ndarray]:
     def members(cond, first, count, start=None, start_step=None):
         schedule = sampling_schedule(diffusion, 1, start_step)
         return sample_members(
-            net, cond, schedule, prediction="x0", sampler="ddim", eta=0.0, seed=0, first=first, count=count, start=start
+            net,
+            cond,
+            schedule,
+            prediction="x0",
+            sampler="ddim",
+            eta=0.0,
+            seed=0,
+            members=range(first, first + count),
+            start=start,
         )
 
     image, truth = case.load()

@@ -75,6 +75,13 @@ def add_train_parser(subparsers) -> None:
     g = p.add_argument_group("bundle")
     g.add_argument("--bundle", help="bundle folder to write (default: OUTPUT/bundle)")
     g.add_argument("--preseg-run", help="a finished --kind unet run to pack as pre-segmentation network")
+    g.add_argument(
+        "--member-runs",
+        nargs="+",
+        default=[],
+        metavar="RUN",
+        help="finished diffusion runs of the same network (other seeds) to pack as further ensemble members",
+    )
     g.add_argument("--weights-dtype", choices=["float32", "float16"], default="float32")
     p.set_defaults(func=run_train, parser=p)
 
@@ -180,7 +187,7 @@ def run_train(args: argparse.Namespace) -> int:
     import torch
 
     from DiffSegCore.training.cache import read_index
-    from DiffSegCore.training.export import export_bundle
+    from DiffSegCore.training.export import check_member_runs, export_bundle
     from DiffSegCore.training.loop import CONFIG, TrainConfig, train
 
     torch.set_num_threads(args.threads)
@@ -197,6 +204,7 @@ def run_train(args: argparse.Namespace) -> int:
             raise InputError(f"{run_dir} already holds a run; pass --resume to continue it or choose a new --output")
         config = _config(args)
         data = prepare_run(args, run_dir, card)
+    check_member_runs(args.member_runs, config)
     split = json.loads((run_dir / SPLIT_FILE).read_text())
     cached = {c.name: c for c in read_index(run_dir / CASES_FILE)}
     train_cases = [cached[n] for n in split["train"]]
@@ -208,6 +216,8 @@ def run_train(args: argparse.Namespace) -> int:
     if config.kind == "diffusion" and int(os.environ.get("RANK", "0")) == 0:
         bundle = Path(args.bundle) if args.bundle else run_dir / "bundle"
         # The command that started the run, not a later --resume, is what reproduces the model.
-        export_bundle(run_dir, bundle, card, args.preseg_run, args.weights_dtype, data.get("command"))
+        export_bundle(
+            run_dir, bundle, card, args.preseg_run, args.weights_dtype, data.get("command"), args.member_runs
+        )
         print(f"bundle written to {bundle}")
     return 0

@@ -6,7 +6,7 @@ Hand-written because MONAI's schedulers step to the wrong previous timestep afte
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -20,9 +20,9 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """(x_t (B, K, *S), training-step indices (B,)) -> raw network output (B, K, *S)."""
 
 
-def member_generators(seed: int, first: int, count: int) -> list[torch.Generator]:
-    """One CPU generator per ensemble member, so a member's noise does not depend on batching or device."""
-    return [torch.Generator().manual_seed(seed * 1_000_003 + member) for member in range(first, first + count)]
+def member_generators(seed: int, members: Iterable[int]) -> list[torch.Generator]:
+    """One CPU generator per ensemble member (by index), so a member's noise does not depend on batching or device."""
+    return [torch.Generator().manual_seed(seed * 1_000_003 + member) for member in members]
 
 
 def start_noise(shape: tuple[int, ...], generators: list[torch.Generator], like: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from itertools import combinations
 
 import torch
 
@@ -98,22 +99,21 @@ def sample_members(
     sampler: str,
     eta: float,
     seed: int,
-    first: int,
-    count: int,
+    members: Sequence[int],
     window: tuple[int, ...] | None = None,
     windows_per_batch: int = WINDOWS_PER_BATCH,
     precision: str = "auto",
     start: torch.Tensor | None = None,
     on_step: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
-    """Sample members first..first+count-1 of an ensemble as one batch.
+    """Sample the ensemble members numbered `members` as one batch.
 
     Args:
         network: the diffusion network, already on the run's device.
         cond: conditioning channels (C, *S) of one case.
         schedule: the sampling schedule.
         prediction, sampler, eta: the model's prediction type and the sampler's settings.
-        seed, first, count: member k's noise depends on (seed, k) only, not on batching or device.
+        seed, members: member k's noise depends on (seed, k) only, not on batching or device.
         window: sliding-window size, or None for the whole volume.
         windows_per_batch: sliding windows evaluated at once.
         precision: float32, bf16 or auto (see evaluate_network).
@@ -121,12 +121,13 @@ def sample_members(
         on_step: called with (step, steps) after each step.
 
     Returns:
-        Class probabilities (count, K, *S).
+        Class probabilities (len(members), K, *S).
     """
     device = next(network.parameters()).device
+    count = len(members)
     cond_b = cond[None].to(device).expand(count, *cond.shape)
     shape = (count, network.num_classes, *cond.shape[1:])
-    generators = member_generators(seed, first, count)
+    generators = member_generators(seed, members)
     mask = None if start is None else to_diffusion_space(start[None].expand(count, *start.shape), network.num_classes)
     x = initial_state(schedule, shape, generators, cond_b, mask)
 
@@ -141,6 +142,35 @@ def sample_members(
         )
 
 
+def member_views(meta: dict, members: Sequence[int]) -> dict[tuple[int, tuple[int, ...]], list[int]]:
+    """Which network and which mirroring each member uses, grouped: {(network, mirrored axes): [members]}.
+
+    A bundle's "members" entry names its networks (trainings of one config) and the spatial axes
+    (0 z, 1 y, 2 x) it was trained to be mirrored along; member k takes network k mod N and, every N
+    members, the next mirroring (none first, then each non-empty subset of the axes), so the first N
+    members are the plain networks and any ensemble mixes trainings before mirrorings.
+    """
+    spec = meta.get("members") or {}
+    networks = int(spec.get("networks", 1))
+    axes = sorted(spec.get("mirror_axes", []))
+    mirrors = [subset for size in range(len(axes) + 1) for subset in combinations(axes, size)]
+    views: dict[tuple[int, tuple[int, ...]], list[int]] = {}
+    for k in members:
+        views.setdefault((k % networks, mirrors[(k // networks) % len(mirrors)]), []).append(k)
+    return views
+
+
+def _mirrored(volume: torch.Tensor, axes: tuple[int, ...], leading: int, channels: int | None = None) -> torch.Tensor:
+    """`volume` mirrored along spatial `axes` (0 z, 1 y, 2 x) after `leading` non-spatial dims; with
+    `channels`, only the first `channels` of dim leading - 1 (image channels, not coordinate channels)."""
+    if not axes:
+        return volume
+    dims = [leading + axis for axis in axes]
+    if channels is None:
+        return volume.flip(dims)
+    return torch.cat([volume[:channels].flip(dims), volume[channels:]])
+
+
 def bundle_members(
     bundle: ModelBundle,
     cond: torch.Tensor,
@@ -151,22 +181,38 @@ def bundle_members(
     preseg: torch.Tensor | None = None,
     on_step: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
-    """`sample_members` for a model bundle and a run's settings: probabilities (count, K, *S)."""
+    """`sample_members` for a model bundle and a run's settings: probabilities (count, K, *S) of members
+    first..first+count-1, each from its network and mirroring (`member_views`), mirrored back."""
     diffusion = bundle.meta["diffusion"]
     schedule = sampling_schedule(diffusion, settings.steps, settings.preseg_step if preseg is not None else None)
-    return sample_members(
-        on_device(bundle.network, plan.device),
-        cond,
-        schedule,
-        prediction=diffusion.get("prediction", "x0"),
-        sampler=settings.sampler,
-        eta=settings.eta,
-        seed=settings.seed,
-        first=first,
-        count=count,
-        window=plan.window,
-        windows_per_batch=plan.windows_per_batch,
-        precision=settings.precision,
-        start=preseg,
-        on_step=on_step,
-    )
+    image_channels = len(bundle.meta["channels"])
+    out: torch.Tensor | None = None
+    views = member_views(bundle.meta, range(first, first + count))
+    done = 0
+    for (index, axes), members in views.items():
+
+        def view_step(step: int, total: int, done: int = done, size: int = len(members)) -> None:
+            if on_step is not None:  # progress over all views, as one batch of `count` members would give
+                on_step(round(((done + size * step / total) / count) * total), total)
+
+        probs = sample_members(
+            on_device(bundle.networks[index], plan.device),
+            _mirrored(cond, axes, 1, image_channels),
+            schedule,
+            prediction=diffusion.get("prediction", "x0"),
+            sampler=settings.sampler,
+            eta=settings.eta,
+            seed=settings.seed,
+            members=members,
+            window=plan.window,
+            windows_per_batch=plan.windows_per_batch,
+            precision=settings.precision,
+            start=None if preseg is None else _mirrored(preseg, axes, 0),
+            on_step=view_step,
+        )
+        probs = _mirrored(probs, axes, 2)
+        if out is None:
+            out = probs.new_empty((count, *probs.shape[1:]))
+        out[[k - first for k in members]] = probs
+        done += len(members)
+    return out

@@ -10,7 +10,7 @@ import torch
 
 from DiffSegCore.errors import InputError
 from DiffSegCore.models.bundle import save_bundle
-from DiffSegCore.training.loop import TrainConfig, read_best
+from DiffSegCore.training.loop import BEST, CONFIG, TrainConfig, read_best
 
 DATA_FILE = "data.json"
 WEIGHT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -52,13 +52,16 @@ def export_bundle(
     preseg_run: str | Path | None = None,
     weights_dtype: str = "float32",
     command: str | None = None,
+    member_runs: list[str | Path] | None = None,
 ) -> Path:
-    """Write a bundle from a diffusion run's best weights (+ a unet run's as pre-segmentation)."""
+    """Write a bundle from a diffusion run's best weights (+ a unet run's as pre-segmentation, + other
+    trainings of the same network as further ensemble members, model.json "members")."""
     run_dir = Path(run_dir)
     dtype = WEIGHT_DTYPES[weights_dtype]
     weights, config, data = _weights(run_dir, dtype)
     if config.kind != "diffusion":
         raise InputError(f"{run_dir} trained a '{config.kind}' network; a bundle needs a diffusion run")
+    more_weights, member_commands = _member_weights(member_runs or [], config, dtype)
     card = card or default_card(data)
     num_classes = len(card["classes"]) + 1
     if num_classes != data["num_classes"]:
@@ -81,6 +84,7 @@ def export_bundle(
         **({"window": list(config.size)} if config.size and "window" not in card else {}),
         "network": config.network_config(data["image_channels"], num_classes),
         "preseg_network": preseg_config,
+        **_members(card, len(more_weights), config.mirror_axes),
         "diffusion": config.diffusion_config(),
         "training": {
             **card.get("training", {}),
@@ -93,6 +97,37 @@ def export_bundle(
             "config": asdict(config),
             **({"command": command} if command else {}),
             **({"preseg_command": unet_data.get("command")} if preseg_run is not None else {}),
+            **({"member_commands": member_commands} if member_commands else {}),
         },
     }
-    return save_bundle(out_dir, meta, weights, preseg_weights)
+    return save_bundle(out_dir, meta, weights, preseg_weights, more_weights)
+
+
+def check_member_runs(runs: list[str | Path], config: TrainConfig) -> None:
+    """Refuse runs that are not finished diffusion runs of `config`'s network (before training, not after)."""
+    for run in map(Path, runs):
+        if not (run / CONFIG).is_file() or not (run / BEST).is_file():
+            raise InputError(f"{run} holds no finished training run; give the folder of a run with best weights")
+        other = TrainConfig.from_json(json.loads((run / CONFIG).read_text()))
+        if other.kind != "diffusion" or other.network_config(1, 1) != config.network_config(1, 1):
+            raise InputError(f"{run} did not train the same diffusion network as this run; pack runs of one config")
+
+
+def _member_weights(runs: list[str | Path], config: TrainConfig, dtype: torch.dtype) -> tuple[list[dict], list]:
+    """The best weights and starting commands of further diffusion runs of `config`'s network."""
+    check_member_runs(runs, config)
+    weights, commands = [], []
+    for run in runs:
+        tensors, _, data = _weights(Path(run), dtype)
+        weights.append(tensors)
+        commands.append(data.get("command"))
+    return weights, commands
+
+
+def _members(card: dict, more_networks: int, mirror_axes: list[int]) -> dict:
+    """model.json's "members": the card's when it sets them, else every network and the trained mirroring."""
+    if "members" in card:
+        return {}
+    if not more_networks and not mirror_axes:
+        return {}
+    return {"members": {"networks": 1 + more_networks, "mirror_axes": list(mirror_axes)}}

@@ -74,7 +74,7 @@ def predict_labels(network, image: torch.Tensor, config: TrainConfig, seed: int 
             return evaluate_network(network, cond[None].to(device), None, None)[0].argmax(0).cpu()
         schedule = sampling_schedule(config.diffusion_config(), min(config.val_steps, config.train_steps))
         probs = sample_members(
-            network, cond, schedule, prediction=config.prediction, sampler="ddim", eta=0.0, seed=seed, first=0, count=1
+            network, cond, schedule, prediction=config.prediction, sampler="ddim", eta=0.0, seed=seed, members=[0]
         )
     return probs[0].argmax(0).cpu()
 

@@ -28,7 +28,7 @@ def _oracle_logits(x0):
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 def test_oracle_x0_network_recovers_the_mask(sampler):
     labels, x0 = _truth()
-    generators = member_generators(0, 0, 2)
+    generators = member_generators(0, range(2))
     x = initial_state(SCHEDULE, (2, *x0.shape[1:]), generators, x0)
     probs = sample(_oracle_logits(x0), SCHEDULE, x, prediction="x0", sampler=sampler, eta=1.0, generators=generators)
     assert torch.equal(probs.argmax(1), labels.expand(2, *labels.shape[1:]))
@@ -36,7 +36,7 @@ def test_oracle_x0_network_recovers_the_mask(sampler):
 
 def test_oracle_eps_network_recovers_the_mask():
     labels, x0 = _truth()
-    generators = member_generators(0, 0, 1)
+    generators = member_generators(0, [0])
     x = initial_state(SCHEDULE, x0.shape, generators, x0)
 
     def oracle_eps(x_t, t):
@@ -58,7 +58,7 @@ def test_ddim_eta0_step_is_the_closed_form_update():
         seen.append(x.clone())
         return x0 * 30.0
 
-    sample(denoise, two, x_t, prediction="x0", sampler="ddim", eta=0.0, generators=member_generators(0, 0, 1))
+    sample(denoise, two, x_t, prediction="x0", sampler="ddim", eta=0.0, generators=member_generators(0, [0]))
     x0_hat = torch.softmax(x0 * 30.0, 1) * 2 - 1
     expected = a_s**0.5 * x0_hat + (1 - a_s) ** 0.5 * eps_from_x0(x_t, x0_hat, a_t)
     assert torch.allclose(seen[1], expected, atol=1e-5)
@@ -75,7 +75,7 @@ def test_ddpm_step_draws_from_the_posterior():
         seen.append(x.clone())
         return x0 * 30.0
 
-    sample(denoise, two, x_t, prediction="x0", sampler="ddpm", generators=member_generators(0, 0, 1))
+    sample(denoise, two, x_t, prediction="x0", sampler="ddpm", generators=member_generators(0, [0]))
     x0_hat = torch.softmax(x0 * 30.0, 1) * 2 - 1
     residual = seen[1] - posterior_mean_from_x0(x_t, x0_hat, a_t, a_s)
     assert residual.mean().item() == pytest.approx(0.0, abs=0.01)
@@ -87,7 +87,7 @@ def test_same_seed_same_members_regardless_of_batching():
     shape = x0.shape[1:]
 
     def run(first, count):
-        generators = member_generators(42, first, count)
+        generators = member_generators(42, range(first, first + count))
         x = initial_state(SCHEDULE, (count, *shape), generators, x0)
         noisy = lambda x_t, t: x_t  # noqa: E731 - the output depends on the noise, so batching differences show
         return sample(noisy, SCHEDULE, x, sampler="ddpm", generators=generators)
@@ -101,7 +101,7 @@ def test_same_seed_same_members_regardless_of_batching():
 def test_preseg_start_is_the_diffused_mask():
     _, x0 = _truth(shape=(30, 30, 30))
     start = respace(linear_schedule(1001), 3, last=400)
-    x = initial_state(start, x0.shape, member_generators(0, 0, 1), x0, preseg=x0)
+    x = initial_state(start, x0.shape, member_generators(0, [0]), x0, preseg=x0)
     a = start.alpha_bar[-1].item()
     assert (x - a**0.5 * x0).mean().item() == pytest.approx(0.0, abs=0.01)
     assert (x - a**0.5 * x0).std().item() == pytest.approx((1 - a) ** 0.5, rel=0.02)
@@ -110,7 +110,7 @@ def test_preseg_start_is_the_diffused_mask():
 def test_unknown_sampler_is_rejected():
     _, x0 = _truth()
     with pytest.raises(InputError, match="unknown sampler"):
-        sample(_oracle_logits(x0), SCHEDULE, x0, sampler="euler", generators=member_generators(0, 0, 1))
+        sample(_oracle_logits(x0), SCHEDULE, x0, sampler="euler", generators=member_generators(0, [0]))
 
 
 def test_ensemble_reduction_closed_forms():

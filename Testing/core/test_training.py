@@ -18,13 +18,18 @@ from DiffSegCore.training.datasets import find_cases
 from Testing.core.training_helpers import CARD, FAST, copy_cases, run_training_command
 
 
+def _common(root):
+    """Arguments of every short run in `root`: its data and cache, 3 iterations, tiny networks."""
+    common = ["--data", root / "data", "--cache", root / "cache", "--validation-fraction", "0.25", "--iterations", "3"]
+    return [*common, "--val-every", "3", "--val-steps", "2", *FAST]
+
+
 @pytest.fixture(scope="module")
 def trained(hippocampus_dir, tmp_path_factory):
     """A unet run and a diffusion run (3 steps each) packed into one bundle."""
     root = tmp_path_factory.mktemp("training")
-    data = copy_cases(hippocampus_dir, root / "data")
-    common = ["--data", data, "--cache", root / "cache", "--validation-fraction", "0.25", "--iterations", "3"]
-    common += ["--val-every", "3", "--val-steps", "2", *FAST]
+    copy_cases(hippocampus_dir, root / "data")
+    common = _common(root)
     assert run_training_command("train", "--kind", "unet", "--output", root / "unet", *common) == 0
     code = run_training_command(
         "train", "--output", root / "diffusion", "--card", CARD, "--preseg-run", root / "unet", *common
@@ -66,6 +71,49 @@ def test_training_changed_the_weights_and_bundle_holds_the_best(trained):
 
     initial = build_network(bundle.network.config).state_dict()
     assert any(not torch.equal(initial[k], v) for k, v in best.items())
+
+
+def test_mirrored_run_packs_another_run_as_more_members(trained):
+    code = run_training_command(
+        "train",
+        "--output",
+        trained / "mirrored",
+        "--card",
+        CARD,
+        "--mirror-axes",
+        "2",
+        "--seed",
+        "1",
+        "--member-runs",
+        trained / "diffusion",
+        *_common(trained),
+    )
+    assert code == 0
+    meta = validate_bundle(trained / "mirrored" / "bundle")
+    assert meta["members"] == {"networks": 2, "mirror_axes": [2]}
+    assert meta["training"]["config"]["mirror_axes"] == [2]
+    assert meta["training"]["member_commands"][0].startswith("diffseg train")
+    bundle = load_bundle(trained / "mirrored" / "bundle")
+    other = load_file(trained / "diffusion" / "best.safetensors")
+    assert all(torch.equal(bundle.more_networks[0].state_dict()[k], v) for k, v in other.items())
+
+
+def test_member_runs_must_train_the_same_network(trained):
+    with pytest.raises(InputError, match="same diffusion network"):
+        run_training_command(
+            "train",
+            "--output",
+            trained / "wider",
+            "--card",
+            CARD,
+            "--member-runs",
+            trained / "diffusion",
+            *_common(trained),
+            "--widths",
+            "8",
+            "8",
+        )
+    assert not (trained / "wider" / "checkpoint.safetensors").exists()  # refused before training
 
 
 def test_second_run_reuses_the_preprocessing_cache(trained, hippocampus_dir, capsys):
