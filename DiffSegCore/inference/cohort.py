@@ -118,11 +118,13 @@ def segment_cases(
     progress: RunProgress,
     overlap: bool | None = None,
     on_failure: Callable[[str, Exception], None] | None = None,
+    on_outcome: Callable[[CaseOutcome], None] | None = None,
 ) -> list[CaseOutcome]:
     """Segment `cases` (name -> channel files) into `output_dir`, one outcome per case in the same order.
 
     A case that fails (unreadable file, wrong channel count, full disk, ...) is reported through
-    `on_failure` (name, error) and skipped; KeyboardInterrupt ends the run. With `overlap`, the next case is read
+    `on_failure` (name, error) and skipped; KeyboardInterrupt ends the run. `on_outcome` hears of each case as soon
+    as it is settled (segmented, complete or failed). With `overlap`, the next case is read
     and the previous one written in background threads while the network samples the current one
     (default: where it pays, see `overlap_pays`).
     """
@@ -130,10 +132,15 @@ def segment_cases(
     inputs = {p.resolve() for paths in cases.values() for p in paths}
     outcomes: dict[str, CaseOutcome] = {}
 
+    def settled(outcome: CaseOutcome) -> None:
+        outcomes[outcome.name] = outcome
+        if on_outcome is not None:
+            on_outcome(outcome)
+
     def failed(name: str, exc: Exception) -> None:
-        outcomes[name] = CaseOutcome(name, FAILED, message=one_line(exc), error=exc)
         if on_failure is not None:
             on_failure(name, exc)
+        settled(CaseOutcome(name, FAILED, message=one_line(exc), error=exc))
 
     todo: list[str] = []
     for name, paths in cases.items():
@@ -143,7 +150,7 @@ def segment_cases(
         if refused or (earlier is not None and earlier.status == FAILED):
             failed(name, InputError(refused or earlier.message))
         elif earlier is not None:
-            outcomes[name] = earlier
+            settled(earlier)
             progress.result(f"{name}: complete from an earlier run, skipped")
         else:
             todo.append(name)
@@ -154,9 +161,9 @@ def segment_cases(
         except Exception as exc:
             failed(name, exc)
             return
-        outcomes[name] = CaseOutcome(name, SEGMENTED, {k: str(p) for k, p in targets.items()}, ran)
         for key, path in targets.items():  # every file written, not only the segmentation
             progress.result(f"{name} {key}: {path}")
+        settled(CaseOutcome(name, SEGMENTED, {k: str(p) for k, p in targets.items()}, ran))
 
     def write(name: str, sampled) -> tuple[dict[str, Path], dict]:
         return write_case(bundle, cases[name], name, output_dir, sampled, options, QUIET), sampled.settings.to_json()
