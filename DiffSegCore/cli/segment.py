@@ -64,6 +64,7 @@ def run_segment(args: argparse.Namespace) -> int:
         FAILED,
         check_output_folder,
         gather_outcomes,
+        input_files,
         segment_cases,
         write_cohort_table,
     )
@@ -101,14 +102,18 @@ def run_segment(args: argparse.Namespace) -> int:
         workers, threads = settings.worker_plan(args.workers, threads, device, len(share), cores)
         if workers > 1:
             mine = segment_in_workers(
-                bundle, share, output_dir, run_settings, options, progress, workers, threads, on_failure, args.debug
-            )
+                bundle, share, output_dir, run_settings, options, progress, workers, threads, on_failure, args.debug,
+                inputs=input_files(cases),
+            )  # fmt: skip
         else:
             if threads:
                 import torch
 
                 torch.set_num_threads(threads)
-            mine = segment_cases(bundle, share, output_dir, run_settings, options, progress, on_failure=on_failure)
+            mine = segment_cases(
+                bundle, share, output_dir, run_settings, options, progress, on_failure=on_failure,
+                inputs=input_files(cases),  # every rank's: an output of this rank's case may not replace another's input
+            )  # fmt: skip
         outcomes = gather_outcomes(group, mine)
     finally:
         leave_group()

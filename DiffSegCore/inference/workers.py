@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from DiffSegCore.errors import RuntimeFault, one_line
-from DiffSegCore.inference.cohort import FAILED, CaseOutcome, segment_cases
+from DiffSegCore.inference.cohort import FAILED, CaseOutcome, input_files, segment_cases
 from DiffSegCore.inference.pipeline import OutputOptions
 from DiffSegCore.inference.plan import resolve_device, share_memory
 from DiffSegCore.inference.ranks import Distributed
@@ -75,6 +75,7 @@ class WorkerJob:
     output_dir: Path
     settings: RunSettings
     options: OutputOptions
+    inputs: set[Path]  # every input file of the run, which no output may replace
     debug: bool = False
 
 
@@ -137,6 +138,7 @@ def _work(job: WorkerJob, connection: Connection) -> None:
             overlap=device.type == "cuda",  # on a CPU the other workers keep the cores busy
             on_failure=on_failure,
             on_outcome=lambda outcome: relay.send("outcome", replace(outcome, error=None)),  # errors may not pickle
+            inputs=job.inputs,
         )
         relay.send("end")
     except KeyboardInterrupt:
@@ -182,22 +184,25 @@ def segment_in_workers(
     on_failure: Callable[[str, Exception], None] | None = None,
     debug: bool = False,
     start_method: str = START_METHOD,
+    inputs: set[Path] | None = None,
 ) -> list[CaseOutcome]:
     """`cohort.segment_cases` over `workers` processes of `threads` torch threads each: the same outcomes, in the
     order of `cases`. A case a worker died on fails (and is reported through `on_failure`); a new worker takes the
-    rest of its share. KeyboardInterrupt (Ctrl-C, or SIGTERM through the CLI) stops every worker, then propagates."""
+    rest of its share. KeyboardInterrupt (Ctrl-C, or SIGTERM through the CLI) stops every worker, then propagates.
+    `inputs`: as for `segment_cases`."""
     global _inherited
     if start_method == "fork" and resolve_device(settings.device).type == "cuda":
         start_method = "spawn"  # CUDA cannot be used again in a forked child
     context = multiprocessing.get_context(start_method)
     items = list(cases.items())
+    inputs = input_files(cases) if inputs is None else inputs
     outcomes: dict[str, CaseOutcome] = {}
     running: dict[int, _Worker] = {}
     begun: dict[str, int] = {}  # case -> its place in the order cases were begun, for the progress fraction
 
     def launch(rank: int, share: dict[str, list[Path]]) -> None:
         receive, send = context.Pipe(duplex=False)
-        job = WorkerJob(rank, workers, threads, str(bundle.path), share, output_dir, settings, options, debug)
+        job = WorkerJob(rank, workers, threads, str(bundle.path), share, output_dir, settings, options, inputs, debug)
         process = context.Process(target=_work, args=(job, send), name=f"diffseg-worker-{rank}", daemon=True)
         process.start()
         send.close()  # the worker holds the sending end now: the pipe ends when the worker does
