@@ -65,7 +65,6 @@ def run_segment(args: argparse.Namespace) -> int:
         check_output_folder,
         gather_outcomes,
         input_files,
-        segment_cases,
         write_cohort_table,
     )
     from DiffSegCore.inference.pipeline import OutputOptions, open_model
@@ -100,20 +99,10 @@ def run_segment(args: argparse.Namespace) -> int:
         device = resolve_device(run_settings.device).type
         cores = max(1, physical_cores() // group.local_world)  # torchrun ranks on this machine share its cores
         workers, threads = settings.worker_plan(args.workers, threads, device, len(share), cores)
-        if workers > 1:
-            mine = segment_in_workers(
-                bundle, share, output_dir, run_settings, options, progress, workers, threads, on_failure, args.debug,
-                inputs=input_files(cases),
-            )  # fmt: skip
-        else:
-            if threads:
-                import torch
-
-                torch.set_num_threads(threads)
-            mine = segment_cases(
-                bundle, share, output_dir, run_settings, options, progress, on_failure=on_failure,
-                inputs=input_files(cases),  # every rank's: an output of this rank's case may not replace another's input
-            )  # fmt: skip
+        mine = segment_in_workers(
+            bundle, share, output_dir, run_settings, options, progress, workers, threads, on_failure, args.debug,
+            inputs=input_files(cases),  # every rank's: an output of this rank's case may not replace another's input
+        )  # fmt: skip
         outcomes = gather_outcomes(group, mine)
     finally:
         leave_group()

@@ -180,7 +180,7 @@ def segment_in_workers(
     options: OutputOptions,
     progress: RunProgress,
     workers: int,
-    threads: int,
+    threads: int | None,
     on_failure: Callable[[str, Exception], None] | None = None,
     debug: bool = False,
     start_method: str = START_METHOD,
@@ -189,8 +189,12 @@ def segment_in_workers(
     """`cohort.segment_cases` over `workers` processes of `threads` torch threads each: the same outcomes, in the
     order of `cases`. A case a worker died on fails (and is reported through `on_failure`); a new worker takes the
     rest of its share. KeyboardInterrupt (Ctrl-C, or SIGTERM through the CLI) stops every worker, then propagates.
-    `inputs`: as for `segment_cases`."""
+    `inputs`: as for `segment_cases`. One worker runs in this process (`threads` None: torch's default)."""
     global _inherited
+    if workers == 1:
+        if threads:
+            torch.set_num_threads(threads)
+        return segment_cases(bundle, cases, output_dir, settings, options, progress, on_failure=on_failure, inputs=inputs)
     if start_method == "fork" and resolve_device(settings.device).type == "cuda":
         start_method = "spawn"  # CUDA cannot be used again in a forked child
     context = multiprocessing.get_context(start_method)
@@ -202,7 +206,7 @@ def segment_in_workers(
 
     def launch(rank: int, share: dict[str, list[Path]]) -> None:
         receive, send = context.Pipe(duplex=False)
-        job = WorkerJob(rank, workers, threads, str(bundle.path), share, output_dir, settings, options, inputs, debug)
+        job = WorkerJob(rank, workers, threads or 1, str(bundle.path), share, output_dir, settings, options, inputs, debug)
         process = context.Process(target=_work, args=(job, send), name=f"diffseg-worker-{rank}", daemon=True)
         process.start()
         send.close()  # the worker holds the sending end now: the pipe ends when the worker does
