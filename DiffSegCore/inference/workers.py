@@ -108,9 +108,14 @@ class RelayedProgress(RunProgress):
 
 def _stop_once(signum, frame) -> None:
     """Ctrl-C or SIGTERM in a worker: stop once (the writes under way finish), deaf to the signals that follow."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # A handler that does nothing, not SIG_IGN: Python raises OSError for a signal already pending under SIG_IGN.
+    signal.signal(signal.SIGINT, _deaf)
+    signal.signal(signal.SIGTERM, _deaf)
     raise KeyboardInterrupt
+
+
+def _deaf(signum, frame) -> None:
+    """A worker that is stopping already."""
 
 
 def _work(job: WorkerJob, connection: Connection) -> None:
