@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
+import SimpleITK as sitk
 import torch
 
 from DiffSegCore.errors import RuntimeFault, one_line
@@ -124,6 +125,7 @@ def _work(job: WorkerJob, connection: Connection) -> None:
     signal.signal(signal.SIGTERM, _stop_once)
     try:
         torch.set_num_threads(job.threads)
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(job.threads)  # reading, resampling: the same share of cores
         share_memory(job.workers)
         device = resolve_device(job.settings.device)
         bundle = _inherited if _inherited is not None else load_bundle(job.model, device)
