@@ -117,6 +117,8 @@ def test_a_failing_case_and_a_dying_worker_are_reported_and_the_rest_goes_on(
     result = cli("segment", data, "--model", tiny_bundle, "--output-dir", out, "--workers", 2,
                  "--steps", 1, "--ensemble", 2, "--progress", "json")  # fmt: skip
     assert_one_line_error(result, "2 of 6 case(s) failed", COHORT_TABLE, code=3)
+    fractions = [e["fraction"] for e in result.events if e.get("fraction") is not None]
+    assert fractions == sorted(fractions), "the workers' interleaved cases never move the bar back"
     notes = [e["message"] for e in result.events if e["stage"] == "note"]
     assert any(n.startswith("broken failed and was skipped") for n in notes), notes
     assert any(n.startswith("c failed and was skipped: the worker process") for n in notes), notes
