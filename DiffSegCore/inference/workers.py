@@ -36,7 +36,7 @@ from DiffSegCore.progress import RunProgress
 from DiffSegCore.settings import RunSettings
 
 # Forked workers share the loaded model, which spares each the import of torch and the model's loading; fork is
-# safe here as a worker sets its own thread count before any torch work. macOS and Windows spawn.
+# safe for CPU workers of one thread each (segment_in_workers spawns others). macOS and Windows spawn.
 START_METHOD = "fork" if sys.platform.startswith("linux") else "spawn"
 STOP_SECONDS = 60.0  # how long a stopped worker may take to finish the outputs it is writing, then it is killed
 _inherited: ModelBundle | None = None  # the parent's loaded model, which forked workers use
@@ -202,8 +202,10 @@ def segment_in_workers(
         if threads:
             torch.set_num_threads(threads)
         return segment_cases(bundle, cases, output_dir, settings, options, progress, on_failure=on_failure, inputs=inputs)
-    if start_method == "fork" and resolve_device(settings.device).type == "cuda":
-        start_method = "spawn"  # CUDA cannot be used again in a forked child
+    if start_method == "fork" and (threads != 1 or resolve_device(settings.device).type == "cuda"):
+        # CUDA cannot be used again in a forked child, and GNU OpenMP (torch's CPU threads) hangs in a forked child
+        # that runs more than one thread once the parent has run parallel work: fork one-thread CPU workers only.
+        start_method = "spawn"
     context = multiprocessing.get_context(start_method)
     items = list(cases.items())
     inputs = input_files(cases) if inputs is None else inputs

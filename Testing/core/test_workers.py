@@ -16,6 +16,7 @@ import time
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from DiffSegCore.inference import cohort
 from DiffSegCore.inference.cohort import COHORT_TABLE
@@ -79,21 +80,23 @@ def test_two_workers_give_the_outputs_and_table_of_one_process(cli, hippocampus_
 
 
 def test_spawned_workers_give_the_outputs_of_forked_ones(tiny_bundle, small_case, tmp_path):
-    """macOS and Windows spawn workers, which load the model again; Linux forks them."""
+    """macOS and Windows spawn workers, which load the model again; Linux forks one-thread workers and spawns
+    workers of several threads (GNU OpenMP hangs in a forked child that runs threads after its parent did)."""
     data = tmp_path / "in"
     data.mkdir()
     for name in "abc":
         shutil.copy(small_case, data / f"{name}.nii.gz")
     bundle, settings = open_model(str(tiny_bundle), {"steps": 1, "ensemble": 2}, RunProgress("none"))
+    bundle.network(torch.zeros(2, 4, 32, 32, 32), torch.zeros(2))  # parallel work in this process before any fork
     outs = {}
-    for method in ("fork", "spawn"):
-        outs[method] = tmp_path / method
-        outs[method].mkdir()
-        outcomes = segment_in_workers(bundle, collect_cases([data]), outs[method], settings, OutputOptions(),
-                                      RunProgress("none"), 2, 1, start_method=method)  # fmt: skip
+    for method, threads in (("fork", 1), ("spawn", 1), ("fork", 2)):
+        out = outs[method, threads] = tmp_path / f"{method}-{threads}"
+        out.mkdir()
+        outcomes = segment_in_workers(bundle, collect_cases([data]), out, settings, OutputOptions(),
+                                      RunProgress("none"), 2, threads, start_method=method)  # fmt: skip
         assert [o.status for o in outcomes] == ["segmented"] * 3
     for name in "abc":
-        for a, b in zip(arrays(outs["fork"], name), arrays(outs["spawn"], name)):
+        for a, b in zip(arrays(outs["fork", 1], name), arrays(outs["spawn", 1], name)):
             np.testing.assert_array_equal(a, b)
 
 
