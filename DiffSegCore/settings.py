@@ -308,7 +308,9 @@ def workers_value(text: str) -> int | None:
     return count
 
 
-def worker_plan(workers: int | None, threads: int | None, device: str, cases: int, cores: int) -> tuple[int, int | None]:
+def worker_plan(
+    workers: int | None, threads: int | None, device: str, cases: int, cores: int, fit: int | None = None
+) -> tuple[int, int | None]:
     """(worker processes, torch threads per process or None for torch's default) for a folder run.
 
     Args:
@@ -317,13 +319,16 @@ def worker_plan(workers: int | None, threads: int | None, device: str, cases: in
         device: the run's device type, cpu or cuda.
         cases: cases this process is to segment.
         cores: physical CPU cores this process may use (under torchrun: its share of the node's).
+        fit: the most workers that each fit a whole volume in their part of the memory (None: no limit).
 
     Auto: one worker per core on a CPU run of several cases, or per --threads cores, as the small hippocampus volumes
-    leave a second thread of one process half idle (docs/results.md, section 8); one on a GPU, which a single process
-    keeps busy. Never more workers than cases; several workers share the cores unless --threads says otherwise.
+    leave a second thread of one process half idle (docs/results.md, section 8), but no more than `fit`: a worker
+    squeezed into a sliding window does more work, where large volumes keep a process's threads busy anyway. One on a
+    GPU, which a single process keeps busy. Never more workers than cases; workers share the cores unless --threads
+    says otherwise.
     """
     if workers is None:
-        workers = 1 if device == "cuda" else max(1, cores // (threads or 1))
+        workers = 1 if device == "cuda" else min(max(1, cores // (threads or 1)), fit or cores)
     workers = max(1, min(workers, cases))
     if threads is None and workers > 1:
         threads = max(1, cores // workers)

@@ -70,7 +70,7 @@ def run_segment(args: argparse.Namespace) -> int:
     from DiffSegCore.inference.pipeline import OutputOptions, open_model
     from DiffSegCore.inference.plan import resolve_device
     from DiffSegCore.inference.ranks import RANK_TIMEOUT, leave_group, setup_distributed
-    from DiffSegCore.inference.workers import physical_cores, segment_in_workers
+    from DiffSegCore.inference.workers import physical_cores, segment_in_workers, workers_that_fit_case
 
     if args.output_dir is None and not args.dry_run:
         raise InputError("diffseg segment needs --output-dir (or --dry-run to see the plan only)")
@@ -98,7 +98,10 @@ def run_segment(args: argparse.Namespace) -> int:
 
         device = resolve_device(run_settings.device).type
         cores = max(1, physical_cores() // group.local_world)  # torchrun ranks on this machine share its cores
-        workers, threads = settings.worker_plan(args.workers, threads, device, len(share), cores)
+        fit = None
+        if args.workers is None and device == "cpu" and len(share) > 1:  # the first case stands for the folder
+            fit = workers_that_fit_case(bundle, next(iter(share.values())), run_settings, cores)
+        workers, threads = settings.worker_plan(args.workers, threads, device, len(share), cores, fit)
         mine = segment_in_workers(
             bundle, share, output_dir, run_settings, options, progress, workers, threads, on_failure, args.debug,
             inputs=input_files(cases),  # every rank's: an output of this rank's case may not replace another's input

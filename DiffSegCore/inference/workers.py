@@ -28,8 +28,9 @@ import torch
 
 from DiffSegCore.errors import RuntimeFault, one_line
 from DiffSegCore.inference.cohort import FAILED, CaseOutcome, input_files, segment_cases
-from DiffSegCore.inference.pipeline import OutputOptions
-from DiffSegCore.inference.plan import resolve_device, share_memory
+from DiffSegCore.inference.memory import workers_that_fit
+from DiffSegCore.inference.pipeline import OutputOptions, plan_case
+from DiffSegCore.inference.plan import free_memory_bytes, resolve_device, share_memory
 from DiffSegCore.inference.ranks import Distributed
 from DiffSegCore.models.bundle import ModelBundle, load_bundle
 from DiffSegCore.progress import RunProgress
@@ -62,6 +63,18 @@ def _cgroup_cpu_quota(path: Path = Path("/sys/fs/cgroup/cpu.max")) -> int | None
         return None if quota == "max" else max(1, int(quota) // int(period))
     except (OSError, ValueError):
         return None
+
+
+def workers_that_fit_case(bundle: ModelBundle, inputs: list[Path], settings: RunSettings, most: int) -> int:
+    """memory.workers_that_fit for one case's volume (read here) and the free memory now; `most` if it cannot be
+    read (the case then fails in its turn, as any unreadable case does)."""
+    try:
+        shape, _ = plan_case(bundle, inputs, settings)
+    except Exception:
+        return most
+    device = resolve_device(settings.device)
+    meta = {**bundle.meta, "network": bundle.network.config}
+    return workers_that_fit(meta, shape, settings, device.type, free_memory_bytes(device), most)
 
 
 @dataclass

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -20,13 +21,13 @@ import torch
 
 from DiffSegCore.inference import cohort
 from DiffSegCore.inference.cohort import COHORT_TABLE
-from DiffSegCore.inference.memory import DEFAULT_SHARE, GIB, PROCESS_BYTES, budgets
+from DiffSegCore.inference.memory import DEFAULT_SHARE, GIB, PROCESS_BYTES, budgets, plan_run, workers_that_fit
 from DiffSegCore.inference.pipeline import OutputOptions, open_model
 from DiffSegCore.inference.workers import _cgroup_cpu_quota, physical_cores, segment_in_workers
 from DiffSegCore.io.cases import collect_cases
 from DiffSegCore.progress import RunProgress
 from DiffSegCore.resources import resource_path
-from DiffSegCore.settings import worker_plan, workers_value
+from DiffSegCore.settings import resolve, worker_plan, workers_value
 from Testing.core.conftest import REPO, assert_one_line_error, folder_entries
 
 BUNDLED = resource_path("Models", "hippocampus")
@@ -221,6 +222,21 @@ def test_each_worker_plans_for_its_part_of_the_memory():
     assert two[1] - PROCESS_BYTES == pytest.approx((one[1] - PROCESS_BYTES) / 2)
     assert budgets(free, "cpu", 4.0, sharers=4) == [1.0 * GIB]  # --max-memory is the whole run's
     assert budgets(free, "cuda", None, sharers=2)[0] == free * DEFAULT_SHARE["cuda"] / 2
+
+
+def test_auto_takes_no_more_workers_than_fit_a_whole_volume_each():
+    meta = json.loads((BUNDLED / "model.json").read_text())
+    settings = resolve(meta)
+    assert workers_that_fit(meta, (36, 52, 38), settings, "cpu", 8 * GIB, 16) == 16  # hippocampus: tiny
+    default = {**meta, "network": {**meta["network"], "widths": [32, 64, 128, 256]}}
+    brats = (155, 240, 240)
+    fit = workers_that_fit(default, brats, settings, "cpu", 128 * GIB, 16)
+    assert 1 < fit < 16
+    assert plan_run(default, brats, settings, "cpu", 128 * GIB, fit)[0].window is None  # each worker: whole volume
+    assert workers_that_fit(default, brats, replace(settings, window="sliding"), "cpu", 128 * GIB, 16) == 16
+    assert workers_that_fit(default, brats, settings, "cpu", 1 * GIB, 16) == 1
+    assert worker_plan(None, None, "cpu", 60, 16, fit) == (fit, 16 // fit)
+    assert worker_plan(8, None, "cpu", 60, 16, 2) == (8, 2)  # --workers as asked: the planner adapts
 
 
 def test_physical_cores_and_the_cgroup_quota(tmp_path):
