@@ -18,6 +18,7 @@ import signal
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection, wait
@@ -230,7 +231,9 @@ def segment_in_workers(
         receive, send = context.Pipe(duplex=False)
         job = WorkerJob(rank, workers, threads or 1, str(bundle.path), share, output_dir, settings, options, inputs, debug)
         process = context.Process(target=_work, args=(job, send), name=f"diffseg-worker-{rank}", daemon=True)
-        process.start()
+        with warnings.catch_warnings():  # Python 3.12+ warns of fork in a threaded process; these workers are safe
+            warnings.filterwarnings("ignore", "This process .* is multi-threaded", DeprecationWarning)
+            process.start()
         send.close()  # the worker holds the sending end now: the pipe ends when the worker does
         running[rank] = _Worker(process, receive, dict(share))
 
