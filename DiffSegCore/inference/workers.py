@@ -285,8 +285,11 @@ def segment_in_workers(
         if worker.finished:
             return
         reason = worker.fatal or exit_reason(worker.process.exitcode)
-        gets_on = worker.current is not None or worker.settled
-        for name in [worker.current] if worker.current is not None else [] if gets_on else list(worker.cases):
+        if worker.current is not None:
+            lost = [worker.current]
+        else:  # between cases: a successor can go on where it had got somewhere
+            lost = [] if worker.settled else list(worker.cases)
+        for name in lost:
             message = f"the worker process segmenting it stopped ({reason})"
             if not worker.fatal:
                 message += "; run this case alone (--workers 1) to see why, or rerun the folder to resume"
@@ -304,9 +307,7 @@ def segment_in_workers(
             if share:
                 launch(rank, share)
         while running:
-            watched = {w.process.sentinel: rank for rank, w in running.items()}
-            watched.update({w.connection: rank for rank, w in running.items() if w.readable})
-            wait(list(watched))
+            wait([w.process.sentinel for w in running.values()] + [w.connection for w in running.values() if w.readable])
             for rank, worker in list(running.items()):
                 alive = worker.process.is_alive()  # before reading: once it is dead, all it sent is in the pipe
                 drain(worker)
