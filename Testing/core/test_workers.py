@@ -249,3 +249,24 @@ def test_physical_cores_and_the_cgroup_quota(tmp_path):
     quota.write_text("max 100000\n")
     assert _cgroup_cpu_quota(quota) is None
     assert _cgroup_cpu_quota(tmp_path / "absent") is None
+
+
+def test_a_worker_that_cannot_start_fails_its_cases_with_the_reason(tiny_bundle, small_case, tmp_path):
+    """A spawned worker loads the model again; if that fails, its cases fail with the reason, in one line each."""
+    data = tmp_path / "in"
+    data.mkdir()
+    for name in "ab":
+        shutil.copy(small_case, data / f"{name}.nii.gz")
+    model = shutil.copytree(tiny_bundle, tmp_path / "model")
+    bundle, settings = open_model(str(model), {"steps": 1, "ensemble": 2}, RunProgress("none"))
+    shutil.rmtree(model)  # gone before the workers load it
+    out = tmp_path / "out"
+    out.mkdir()
+    failures = []
+    outcomes = segment_in_workers(bundle, collect_cases([data]), out, settings, OutputOptions(), RunProgress("none"),
+                                  2, 1, lambda name, exc: failures.append(name), start_method="spawn")  # fmt: skip
+    assert [o.status for o in outcomes] == ["failed", "failed"] and sorted(failures) == ["a", "b"]
+    for outcome in outcomes:
+        assert outcome.message.startswith("the worker process segmenting it stopped (") and "\n" not in outcome.message
+        assert str(model) in outcome.message, outcome.message  # the model error itself
+    assert folder_entries(out) == []
