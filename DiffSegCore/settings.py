@@ -282,8 +282,9 @@ def to_flags(values: Mapping[str, Any]) -> list[str]:
 # process. Not RunSettings: a run resumes whatever they were, and they change outputs only by rounding (the summation
 # order of the network's arithmetic depends on the threads: 3e-5 of the variance in float32, 4e-3 under bf16).
 WORKERS_HELP = (
-    "worker processes of a folder run, each taking a share of the cases: auto (one per physical CPU core, "
-    "with one torch thread each, on a CPU run of several cases; 1 on a GPU or for one case) or a number"
+    "worker processes of a folder run, each taking a share of the cases: auto (on a CPU run of several cases one "
+    "per physical core, one torch thread each, as many as fit a whole volume each in memory; 1 on a GPU or for "
+    "one case) or a number"
 )
 THREADS = Setting(
     "threads",
