@@ -9,7 +9,8 @@ and in one process, worker processes started by fork against spawn. See docs/res
    `git archive` of DiffSegCore and Resources, run from its own folder), this tree with one worker and this tree
    as it runs by default (`--workers auto`) take turns (A B C D, A B C D, ...) on the same folder, each into a fresh
    output folder. Every tree runs the same --model; a tree that cannot run it is recorded as failed.
-2. In one process (the model loaded once), the folder through worker processes started by fork and by spawn, in turns.
+2. In one process (the model loaded once), the folder through worker processes started by fork and by spawn, and
+   forked workers reading and writing beside the network, in turns.
 3. Optionally, reading ahead / writing behind the network on and off, on the hippocampus folder and on CHAOS MR
    volumes (256x256x~37) with a small randomly initialised network (speed does not depend on the weights).
 """
@@ -102,21 +103,22 @@ def summary(runs: list[dict], cases: int) -> dict:
     }
 
 
-def start_methods(model: Path, folder: Path, rounds: int, work: Path) -> dict:
-    """Seconds for the folder through one worker per core (at least 2; one thread each), forked and spawned, in turns, in this
-    process with the model loaded once."""
+def in_workers(model: Path, folder: Path, rounds: int, work: Path) -> dict:
+    """Seconds for the folder through one worker per core (at least 2; one thread each), in one process with the model
+    loaded once, in turns: forked and spawned workers; forked workers reading and writing beside the network."""
     bundle, run_settings = open_model(str(model), {}, RunProgress("none"))
     cases, workers = collect_cases([folder]), max(2, physical_cores())
-    seconds: dict[str, list[float]] = {"fork": [], "spawn": []}
+    ways = {"fork": ("fork", None), "spawn": ("spawn", None), "fork, overlap": ("fork", True)}
+    seconds: dict[str, list[float]] = {name: [] for name in ways}
     for index in range(rounds):
-        for method in seconds:
-            out = work / f"start-{method}-{index}"
+        for name, (method, overlap) in ways.items():
+            out = work / f"workers-{index}-{method}-{overlap}"
             out.mkdir()
             start = time.perf_counter()
             segment_in_workers(bundle, cases, out, run_settings, OutputOptions(), RunProgress("none"), workers, 1,
-                               start_method=method)  # fmt: skip
-            seconds[method].append(time.perf_counter() - start)
-    return {"cases": len(cases), "workers": workers, **{k: statistics.median(v) for k, v in seconds.items()},
+                               start_method=method, overlap=overlap)  # fmt: skip
+            seconds[name].append(time.perf_counter() - start)
+    return {"cases": len(cases), "workers": workers, "median_s": {k: statistics.median(v) for k, v in seconds.items()},
             "runs": seconds}  # fmt: skip
 
 
@@ -161,7 +163,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=BUNDLED, help="model bundle every tree runs (default: bundled)")
     parser.add_argument("--baseline", default=BASELINE, help="git revision of the baseline")
     parser.add_argument("--main", help="git revision of main (default: where this branch left main)")
-    parser.add_argument("--start-method-rounds", type=int, default=2, help="rounds of fork vs spawn (0: none)")
+    parser.add_argument("--worker-rounds", type=int, default=2, help="rounds of fork/spawn/overlap in one process (0: none)")
     parser.add_argument("--overlap-cases", type=int, default=0, help="hippocampus cases for the overlap measurement")
     parser.add_argument("--chaos", type=int, default=0, help="CHAOS cases for the overlap measurement (0: none)")
     parser.add_argument("--name", default="cohort_workers", help="results file name, before the machine tag")
@@ -186,7 +188,7 @@ def main() -> None:
                 runs[name].append(whole_process(tree, folder, out, args.model, flags))
                 print(name, index, json.dumps(runs[name][-1]), flush=True)
         whole = {name: summary(rs, args.cases) for name, rs in runs.items()}
-        forked = start_methods(args.model, folder, args.start_method_rounds, work) if args.start_method_rounds else None
+        ways = in_workers(args.model, folder, args.worker_rounds, work) if args.worker_rounds else None
         overlap = {}
         if args.overlap_cases:
             few = linked_folder(HIPPOCAMPUS_DIR / "imagesTr", args.overlap_cases, work / "hippocampus-overlap")
@@ -202,7 +204,7 @@ def main() -> None:
         "revisions": revisions,
         "cases": args.cases,
         "whole_process": whole,
-        "start_methods": forked,
+        "in_workers": ways,
         "overlap_in_process": overlap,
     }
     tag = machine_tag()
@@ -234,10 +236,11 @@ def report(result: dict) -> str:
             f"| {name} | {w['wall_s']:.2f} | {w['seconds_per_case']:.3f} | {ratio} | {w['cpu_s']:.2f} "
             f"| {st.get('sample', 0):.2f} | {st.get('load', 0):.2f} | {st.get('write', 0):.2f} | {w['runs_wall_s']} |"
         )
-    if result["start_methods"]:
-        sm = result["start_methods"]
-        lines += ["", f"In one process, {sm['cases']} cases through {sm['workers']} workers (1 thread each), model loaded "
-                  f"once: fork {sm['fork']:.2f} s, spawn {sm['spawn']:.2f} s (medians; runs {sm['runs']})."]  # fmt: skip
+    if result["in_workers"]:
+        ways = result["in_workers"]
+        lines += ["", f"In one process (model loaded once), {ways['cases']} cases through {ways['workers']} workers of one "
+                  "thread each: " + ", ".join(f"{k} {v:.2f} s" for k, v in ways["median_s"].items())
+                  + f" (medians; runs {ways['runs']})."]  # fmt: skip
     if result["overlap_in_process"]:
         lines += ["", "| folder | cases | overlap s | one after another s | ratio |", "|---|---|---|---|---|"]
         for name, o in result["overlap_in_process"].items():

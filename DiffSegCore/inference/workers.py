@@ -91,6 +91,7 @@ class WorkerJob:
     settings: RunSettings
     options: OutputOptions
     inputs: set[Path]  # every input file of the run, which no output may replace
+    overlap: bool | None = None  # reading and writing beside the network (None: on a GPU only)
     debug: bool = False
 
 
@@ -156,7 +157,7 @@ def _work(job: WorkerJob, connection: Connection) -> None:
             job.settings,
             job.options,
             relay,
-            overlap=device.type == "cuda",  # on a CPU the other workers keep the cores busy
+            overlap=device.type == "cuda" if job.overlap is None else job.overlap,  # on a CPU the others fill the cores
             on_failure=on_failure,
             on_outcome=lambda outcome: relay.send("outcome", replace(outcome, error=None)),  # errors may not pickle
             inputs=job.inputs,
@@ -206,16 +207,18 @@ def segment_in_workers(
     debug: bool = False,
     start_method: str = START_METHOD,
     inputs: set[Path] | None = None,
+    overlap: bool | None = None,
 ) -> list[CaseOutcome]:
     """`cohort.segment_cases` over `workers` processes of `threads` torch threads each: the same outcomes, in the
     order of `cases`. A case a worker died on fails (and is reported through `on_failure`); a new worker takes the
     rest of its share. KeyboardInterrupt (Ctrl-C, or SIGTERM through the CLI) stops every worker, then propagates.
-    `inputs`: as for `segment_cases`. One worker runs in this process (`threads` None: torch's default)."""
+    `inputs`: as for `segment_cases`; `overlap`: reading and writing beside the network in each worker (None: on a
+    GPU only). One worker runs in this process (`threads` None: torch's default)."""
     global _inherited
     if workers == 1:
         if threads:
             torch.set_num_threads(threads)
-        return segment_cases(bundle, cases, output_dir, settings, options, progress, on_failure=on_failure, inputs=inputs)
+        return segment_cases(bundle, cases, output_dir, settings, options, progress, overlap, on_failure, inputs=inputs)
     if start_method == "fork" and (threads != 1 or resolve_device(settings.device).type == "cuda"):
         # CUDA cannot be used again in a forked child, and GNU OpenMP (torch's CPU threads) hangs in a forked child
         # that runs more than one thread once the parent has run parallel work: fork one-thread CPU workers only.
@@ -229,7 +232,9 @@ def segment_in_workers(
 
     def launch(rank: int, share: dict[str, list[Path]]) -> None:
         receive, send = context.Pipe(duplex=False)
-        job = WorkerJob(rank, workers, threads or 1, str(bundle.path), share, output_dir, settings, options, inputs, debug)
+        job = WorkerJob(
+            rank, workers, threads or 1, str(bundle.path), share, output_dir, settings, options, inputs, overlap, debug
+        )
         process = context.Process(target=_work, args=(job, send), name=f"diffseg-worker-{rank}", daemon=True)
         with warnings.catch_warnings():  # Python 3.12+ warns of fork in a threaded process; these workers are safe
             warnings.filterwarnings("ignore", "This process .* is multi-threaded", DeprecationWarning)
