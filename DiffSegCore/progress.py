@@ -21,6 +21,7 @@ class RunProgress:
         self.case = ""
         self.stream = stream or sys.stdout
         self.started = time.monotonic()
+        self.reached = 0.0  # the largest fraction reported: worker processes report their cases interleaved
         self.bar = (
             tqdm(
                 total=100,
@@ -58,6 +59,8 @@ class RunProgress:
         **extra,
     ) -> None:
         fraction = 1.0 if stage == DONE else self.fraction(stage, within) if stage in CASE_STAGES else None
+        if fraction is not None:
+            fraction = self.reached = max(fraction, self.reached)  # the bar never goes back
         if self.mode == "json":
             self._write({
                 "stage": stage,

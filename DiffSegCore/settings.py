@@ -276,3 +276,61 @@ def to_flags(values: Mapping[str, Any]) -> list[str]:
         flags += [setting.flag] if setting.kind is bool else [setting.flag, str(value)]
     return flags
 
+
+
+# How a folder run uses the machine: worker processes, each with a share of the cases, and torch threads per
+# process. Not RunSettings: a run resumes whatever they were, and they change outputs only by rounding (the summation
+# order of the network's arithmetic depends on the threads: 3e-5 of the variance in float32, 4e-3 under bf16).
+WORKERS_HELP = (
+    "worker processes of a folder run, each taking a share of the cases: auto (on a CPU run of several cases one "
+    "per physical core, one torch thread each, as many as fit a whole volume each in memory; 1 on a GPU or for "
+    "one case) or a number"
+)
+THREADS = Setting(
+    "threads",
+    int,
+    None,
+    "torch threads per process (default: torch's, one per core; with several workers, the cores shared among them)",
+    minimum=1,
+    maximum=4096,
+)
+
+
+def workers_value(text: str) -> int | None:
+    """--workers: 'auto' (None) or a whole number of processes >= 1 (argparse type; its message on a bad value)."""
+    if text == "auto":
+        return None
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither auto nor a whole number of processes >= 1")
+    return count
+
+
+def worker_plan(
+    workers: int | None, threads: int | None, device: str, cases: int, cores: int, fit: int | None = None
+) -> tuple[int, int | None]:
+    """(worker processes, torch threads per process or None for torch's default) for a folder run.
+
+    Args:
+        workers: --workers (None: auto).
+        threads: --threads (None: as the workers leave it).
+        device: the run's device type, cpu or cuda.
+        cases: cases this process is to segment.
+        cores: physical CPU cores this process may use (under torchrun: its share of the node's).
+        fit: the most workers that each fit a whole volume in their part of the memory (None: no limit).
+
+    Auto: one worker per core on a CPU run of several cases, or per --threads cores, as the small hippocampus volumes
+    leave a second thread of one process half idle (docs/results.md, section 8), but no more than `fit`: a worker
+    squeezed into a sliding window does more work, where large volumes keep a process's threads busy anyway. One on a
+    GPU, which a single process keeps busy. Never more workers than cases; workers share the cores unless --threads
+    says otherwise.
+    """
+    if workers is None:
+        workers = 1 if device == "cuda" else min(max(1, cores // (threads or 1)), fit or cores)
+    workers = max(1, min(workers, cases))
+    if threads is None and workers > 1:
+        threads = max(1, cores // workers)
+    return workers, threads

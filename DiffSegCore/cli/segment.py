@@ -34,6 +34,8 @@ def add_segment_parser(subparsers) -> None:
     p.add_argument("--preview", action="store_true", help="also write a PNG montage of the result")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs of the same case")
     p.add_argument("--progress", default="text", choices=["text", "json", "none"])
+    p.add_argument("--workers", type=settings.workers_value, default=None, metavar="auto|N", help=settings.WORKERS_HELP)
+    p.add_argument(settings.THREADS.flag, type=int, help=settings.THREADS.help)
     p.add_argument(
         "--dry-run",
         action="store_true",
@@ -62,16 +64,19 @@ def run_segment(args: argparse.Namespace) -> int:
         FAILED,
         check_output_folder,
         gather_outcomes,
-        segment_cases,
+        input_files,
         write_cohort_table,
     )
     from DiffSegCore.inference.pipeline import OutputOptions, open_model
+    from DiffSegCore.inference.plan import resolve_device
     from DiffSegCore.inference.ranks import RANK_TIMEOUT, leave_group, setup_distributed
+    from DiffSegCore.inference.workers import physical_cores, segment_in_workers, workers_that_fit_case
 
     if args.output_dir is None and not args.dry_run:
         raise InputError("diffseg segment needs --output-dir (or --dry-run to see the plan only)")
     cases = collect_cases(args.inputs)
     chosen = settings.chosen_from_args(args)
+    threads = settings.THREADS.check(args.threads)
     if args.dry_run:
         progress = RunProgress(args.progress, len(cases))
         bundle, run_settings = open_model(args.model, chosen, progress)
@@ -91,7 +96,16 @@ def run_segment(args: argparse.Namespace) -> int:
             if len(cases) > 1:
                 progress.note(f"{name} failed and was skipped: {one_line(exc)}")
 
-        mine = segment_cases(bundle, share, output_dir, run_settings, options, progress, on_failure=on_failure)
+        device = resolve_device(run_settings.device).type
+        cores = max(1, physical_cores() // group.local_world)  # torchrun ranks on this machine share its cores
+        fit = None
+        if args.workers is None and device == "cpu" and len(share) > 1:  # the first case stands for the folder
+            fit = workers_that_fit_case(bundle, next(iter(share.values())), run_settings, cores)
+        workers, threads = settings.worker_plan(args.workers, threads, device, len(share), cores, fit)
+        mine = segment_in_workers(
+            bundle, share, output_dir, run_settings, options, progress, workers, threads, on_failure, args.debug,
+            inputs=input_files(cases),  # every rank's: an output of this rank's case may not replace another's input
+        )  # fmt: skip
         outcomes = gather_outcomes(group, mine)
     finally:
         leave_group()

@@ -102,6 +102,11 @@ def earlier_outcome(
     )
 
 
+def input_files(cases: dict[str, list[Path]]) -> set[Path]:
+    """Every input file of `cases`, resolved: no output may replace one."""
+    return {p.resolve() for paths in cases.values() for p in paths}
+
+
 def overlap_pays(settings: RunSettings) -> bool:
     """Whether reading and writing beside the network can go faster: when the network runs on a GPU, or when
     torch leaves CPU cores idle. On a CPU whose cores torch already fills (the 2-core benchmark machine), the
@@ -118,22 +123,31 @@ def segment_cases(
     progress: RunProgress,
     overlap: bool | None = None,
     on_failure: Callable[[str, Exception], None] | None = None,
+    on_outcome: Callable[[CaseOutcome], None] | None = None,
+    inputs: set[Path] | None = None,
 ) -> list[CaseOutcome]:
     """Segment `cases` (name -> channel files) into `output_dir`, one outcome per case in the same order.
 
     A case that fails (unreadable file, wrong channel count, full disk, ...) is reported through
-    `on_failure` (name, error) and skipped; KeyboardInterrupt ends the run. With `overlap`, the next case is read
+    `on_failure` (name, error) and skipped; KeyboardInterrupt ends the run. `on_outcome` hears of each case as soon
+    as it is settled (segmented, complete or failed). `inputs`: every input file of the whole run (`input_files`),
+    when `cases` are one rank's or worker's share of it; no output replaces one. With `overlap`, the next case is read
     and the previous one written in background threads while the network samples the current one
     (default: where it pays, see `overlap_pays`).
     """
     overlap = overlap_pays(settings) if overlap is None else overlap
-    inputs = {p.resolve() for paths in cases.values() for p in paths}
+    inputs = input_files(cases) if inputs is None else inputs
     outcomes: dict[str, CaseOutcome] = {}
 
+    def settled(outcome: CaseOutcome) -> None:
+        outcomes[outcome.name] = outcome
+        if on_outcome is not None:
+            on_outcome(outcome)
+
     def failed(name: str, exc: Exception) -> None:
-        outcomes[name] = CaseOutcome(name, FAILED, message=one_line(exc), error=exc)
         if on_failure is not None:
             on_failure(name, exc)
+        settled(CaseOutcome(name, FAILED, message=one_line(exc), error=exc))
 
     todo: list[str] = []
     for name, paths in cases.items():
@@ -143,7 +157,7 @@ def segment_cases(
         if refused or (earlier is not None and earlier.status == FAILED):
             failed(name, InputError(refused or earlier.message))
         elif earlier is not None:
-            outcomes[name] = earlier
+            settled(earlier)
             progress.result(f"{name}: complete from an earlier run, skipped")
         else:
             todo.append(name)
@@ -154,9 +168,9 @@ def segment_cases(
         except Exception as exc:
             failed(name, exc)
             return
-        outcomes[name] = CaseOutcome(name, SEGMENTED, {k: str(p) for k, p in targets.items()}, ran)
         for key, path in targets.items():  # every file written, not only the segmentation
             progress.result(f"{name} {key}: {path}")
+        settled(CaseOutcome(name, SEGMENTED, {k: str(p) for k, p in targets.items()}, ran))
 
     def write(name: str, sampled) -> tuple[dict[str, Path], dict]:
         return write_case(bundle, cases[name], name, output_dir, sampled, options, QUIET), sampled.settings.to_json()

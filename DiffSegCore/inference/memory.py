@@ -264,15 +264,16 @@ def cgroup_headroom_bytes(root: Path = Path("/sys/fs/cgroup")) -> int | None:
     return None
 
 
-def budgets(available: int, device: str, max_memory: float | None) -> list[float]:
+def budgets(available: int, device: str, max_memory: float | None, sharers: int = 1) -> list[float]:
     """The peaks a run may plan for, in the order it tries them: its process (already loaded when it plans) and
     the default share of the free memory, then up to MAX_SHARE of it when no plan fits that; or --max-memory
-    (GiB), never beyond MAX_SHARE of the free memory."""
+    (GiB), never beyond MAX_SHARE of the free memory. A worker process of a folder run (`sharers` of them) plans
+    for its part of each: the workers run at once."""
     baseline = 0 if device == "cuda" else PROCESS_BYTES
-    most = baseline + available * MAX_SHARE
+    most = baseline + available * MAX_SHARE / sharers
     if max_memory is not None:
-        return [min(max_memory * GIB, most)]
-    return [baseline + available * DEFAULT_SHARE.get(device, DEFAULT_SHARE["cpu"]), most]
+        return [min(max_memory * GIB / sharers, most)]
+    return [baseline + available * DEFAULT_SHARE.get(device, DEFAULT_SHARE["cpu"]) / sharers, most]
 
 
 def model_grid_shape(
@@ -285,26 +286,44 @@ def model_grid_shape(
     return tuple(reversed([max(1, round(n * s / t)) for n, s, t in zip(size_xyz, spacing_xyz, model_spacing)]))
 
 
+def _choose_for_run(meta: dict, shape: tuple[int, ...], settings: RunSettings, device: str, budget: float):
+    """`choose` with a run's settings and its model's window."""
+    return choose(
+        meta["network"],
+        shape,
+        budget,
+        ensemble=settings.ensemble,
+        steps=settings.steps,
+        window_setting=settings.window,
+        members_per_batch=settings.members_per_batch,
+        model_window=tuple(meta.get("window") or DEFAULT_WINDOW),
+        device=device,
+    )
+
+
 def plan_run(
-    meta: dict, shape: tuple[int, ...], settings: RunSettings, device: str, available: int
+    meta: dict, shape: tuple[int, ...], settings: RunSettings, device: str, available: int, sharers: int = 1
 ) -> tuple[MemoryPlan | None, float]:
     """The plan (`choose`) for a volume of `shape` (z, y, x) on the model's grid with `available` bytes free,
-    and the budget it was chosen within (the largest tried when none fits)."""
-    for budget in budgets(available, device, settings.max_memory):
-        plan = choose(
-            meta["network"],
-            shape,
-            budget,
-            ensemble=settings.ensemble,
-            steps=settings.steps,
-            window_setting=settings.window,
-            members_per_batch=settings.members_per_batch,
-            model_window=tuple(meta.get("window") or DEFAULT_WINDOW),
-            device=device,
-        )
+    and the budget it was chosen within (the largest tried when none fits); `sharers`: see `budgets`."""
+    for budget in budgets(available, device, settings.max_memory, sharers):
+        plan = _choose_for_run(meta, shape, settings, device, budget)
         if plan is not None and plan.peak_bytes <= budget:
             return plan, budget
     return plan, budget
+
+
+def workers_that_fit(
+    meta: dict, shape: tuple[int, ...], settings: RunSettings, device: str, available: int, most: int
+) -> int:
+    """The most worker processes, up to `most`, whose runs over a volume of `shape` (z, y, x) each fit their part of
+    the default budget (`budgets` with `sharers`) without a sliding window the settings do not ask for; at least 1."""
+    for count in range(most, 1, -1):
+        budget = budgets(available, device, settings.max_memory, count)[0]
+        plan = _choose_for_run(meta, shape, settings, device, budget)
+        if plan is not None and plan.peak_bytes <= budget and (plan.window is None or settings.window == "sliding"):
+            return count
+    return 1
 
 
 def estimate_run(

@@ -23,7 +23,6 @@ from DiffSegCore.inference.plan import Plan, make_plan, resolve_device
 from DiffSegCore.inference.review import segment_review
 from DiffSegCore.io.atomic import owned_prefix, remove_orphans
 from DiffSegCore.io.preprocess import prepare_image, resample_like, resample_to_spacing
-from DiffSegCore.io.preview import write_preview
 from DiffSegCore.io.sanity import input_warnings
 from DiffSegCore.io.volumes import from_array, read_channels, read_volume, same_geometry, write_image_atomic
 from DiffSegCore.models.bundle import ModelBundle, load_bundle
@@ -236,6 +235,8 @@ def write_case(
         for key, img in results.items():
             write_image_atomic(img, staging / names[key])
         if options.preview:
+            from DiffSegCore.io.preview import write_preview  # matplotlib: about 1 s of start-up, only for --preview
+
             write_preview(
                 sampled.reference,
                 results["segmentation"],

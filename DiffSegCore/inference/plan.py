@@ -53,6 +53,15 @@ def free_memory_bytes(device: torch.device) -> int:
     return free if limit is None else min(free, limit)
 
 
+_sharers = 1  # processes of one folder run that share this machine's memory, this one included (inference/workers.py)
+
+
+def share_memory(processes: int) -> None:
+    """Plan this process's runs for a 1/`processes` part of the memory: it is one of that many worker processes."""
+    global _sharers
+    _sharers = max(1, processes)
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """CUDA raises OutOfMemoryError; the CPU allocator raises a plain RuntimeError."""
     return isinstance(exc, torch.OutOfMemoryError) or (
@@ -115,12 +124,13 @@ def make_plan(bundle: ModelBundle, shape: tuple[int, ...], settings: RunSettings
     device = resolve_device(settings.device)
     meta = {**bundle.meta, "network": bundle.network.config}
     free = free_memory_bytes(device)
-    chosen, budget = plan_run(meta, shape, settings, device.type, free)
+    chosen, budget = plan_run(meta, shape, settings, device.type, free, _sharers)
     windows = candidate_windows(shape, tuple(meta.get("window") or DEFAULT_WINDOW), bundle.network.multiple)
     if chosen is None:
         least = plan_bytes(meta["network"], shape, 1, windows[-1], 1, device.type)
         cap = " (capped by --max-memory)" if settings.max_memory is not None else ""
         cap += " (capped by DIFFSEG_MEMORY_LIMIT_MB)" if memory_limit_bytes() is not None else ""
+        cap += f" (one of {_sharers} worker processes; fewer --workers leave each more)" if _sharers > 1 else ""
         raise RuntimeFault(
             f"not enough memory: the smallest plan needs about {_size(least)} but the run may use {_size(budget)} "
             f"with {_size(free)} free{cap}; close other programs, raise --max-memory or use a machine with more memory"

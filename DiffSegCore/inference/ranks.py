@@ -28,6 +28,7 @@ class Distributed:
     rank: int = 0
     world: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    local_world: int = 1  # processes on this machine
 
     @property
     def main(self) -> bool:
@@ -62,7 +63,8 @@ def setup_distributed(device: str, timeout: timedelta | None = None) -> Distribu
         torch.cuda.set_device(local)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout)
-    return Distributed(dist.get_rank(), world, torch.device(f"cuda:{local}" if use_cuda else "cpu"))
+    device_of_rank = torch.device(f"cuda:{local}" if use_cuda else "cpu")
+    return Distributed(dist.get_rank(), world, device_of_rank, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def leave_group() -> None:
