@@ -336,9 +336,15 @@ def summary(cases: list[dict]) -> dict:
 
 
 def bundle_fingerprint(bundle: ModelBundle) -> str:
-    """Identifies a bundle's metadata and weight files, so cached members never outlive a retrained model."""
-    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(bundle.path).glob("*.safetensors"))
-    return cache_key({"meta": bundle.meta, "files": files})
+    """Identifies a bundle's metadata and the weights of its networks in their order, so cached members
+    never outlive a retrained model nor stand for a variant that puts another network first."""
+    digests = []
+    for network in (*bundle.networks, bundle.preseg_network):
+        digest = hashlib.sha256()
+        for tensor in ([] if network is None else network.state_dict().values()):
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        digests.append(digest.hexdigest())
+    return cache_key({"meta": bundle.meta, "weights": digests})
 
 
 def member_probabilities(

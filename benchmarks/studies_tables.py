@@ -104,7 +104,37 @@ def uncertainty(data: dict) -> str:
     return table(header, rows)
 
 
-RENDER = {"study_steps_ensemble": steps_ensemble, "study_pd_ddpm": pd_ddpm, "study_uncertainty": uncertainty}
+def members(data: dict) -> str:
+    """Study 7c: member sets at 5 and 8 members, without and with the default threshold 0.7."""
+    header = ["members", "n", "threshold", "Dice", "anterior / posterior", "HD95 mm", "AUROC", "review score", "mean variance"]
+
+    def rank(value: dict | None) -> str:
+        return "-" if not value else f"{value['spearman']:.2f}, {value['worst_rank']} of 40"
+
+    rows = [
+        [
+            r["set"],
+            str(r["members"]),
+            str(r["threshold"]),
+            _f(r["dice"], 4),
+            " / ".join(_f(v) for v in r["dice_per_class"]),
+            _f(r["hd95_mm"], 2),
+            _f(r["auroc_near"]),
+            rank(r["review_score"]),
+            rank(r["mean_fg_variance"]),
+        ]
+        for r in data["rows"]
+        if r["members"] in (5, 8) and r["threshold"] in (0.0, 0.7)
+    ]
+    return table(header, rows)
+
+
+RENDER = {
+    "study_steps_ensemble": steps_ensemble,
+    "study_pd_ddpm": pd_ddpm,
+    "study_uncertainty": uncertainty,
+    "study_members": members,
+}
 
 
 def main() -> None:

@@ -18,6 +18,8 @@ def command_line(args: argparse.Namespace) -> str:
         value = getattr(args, action.dest, None)
         if not action.option_strings or action.dest == "help" or value == action.default:
             continue
+        if action.default is argparse.SUPPRESS and not value:  # --debug after a subcommand, not given
+            continue
         if action.nargs == 0:
             parts.append(action.option_strings[0])
         else:

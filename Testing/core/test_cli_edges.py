@@ -79,3 +79,13 @@ def test_json_results_go_into_a_new_folder_or_give_one_line(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(InputError, match=r"cannot write .* choose a writable place"):
         write_json(tmp_path / "file" / "eval.json", {})
+
+
+def test_recorded_command_holds_only_the_options_given():
+    from DiffSegCore.cli.main import build_parser
+    from DiffSegCore.cli.records import command_line
+
+    parser = build_parser()
+    plain = command_line(parser.parse_args(["evaluate", "--model", "m", "--images", "i", "--labels", "l", "--threads", "1"]))
+    assert plain == "diffseg evaluate --model m --images i --labels l --threads 1"
+    assert command_line(parser.parse_args(["evaluate", "--model", "m", "--images", "i", "--labels", "l", "--debug"])).endswith("--debug")
