@@ -17,7 +17,6 @@ from dataclasses import replace
 
 import numpy as np
 import torch
-from scipy.stats import spearmanr
 from studies_common import (
     budget_from,
     bundle_fields,
@@ -29,7 +28,7 @@ from studies_common import (
     write_result,
 )
 
-from DiffSegCore.inference.case_score import review_score
+from DiffSegCore.inference.case_score import rank_of_failures, review_score
 from DiffSegCore.inference.ensemble import label_map
 
 STUDY = "study_members"
@@ -57,9 +56,8 @@ def member_sets(bundle) -> dict:
 
 def ranking(dice: np.ndarray, score: np.ndarray) -> dict:
     """Spearman(case Dice, score) (negative is good) and the worst case's rank by score (1 = first)."""
-    worst = int(dice.argmin())
-    rho = float(spearmanr(dice, score).statistic)
-    return {"spearman": round(rho, 3), "worst_rank": int(1 + (score > score[worst]).sum())}
+    rho, rank = rank_of_failures(dice.tolist(), score.tolist())
+    return {"spearman": round(rho, 3), "worst_rank": rank}
 
 
 def evaluate_set(members: list[torch.Tensor], truths: list[np.ndarray], data, size: int, threshold: float) -> dict:

@@ -16,7 +16,6 @@ import warnings
 import numpy as np
 import torch
 from scipy import ndimage
-from scipy.stats import spearmanr
 from studies_common import (
     RUNS,
     budget_from,
@@ -29,7 +28,7 @@ from studies_common import (
 )
 
 from DiffSegCore.evaluation.metrics import case_metrics
-from DiffSegCore.inference.case_score import review_score
+from DiffSegCore.inference.case_score import rank_of_failures, review_score
 from DiffSegCore.inference.ensemble import label_map
 from DiffSegCore.inference.predictor import conditioning, evaluate_network, on_device, sample_members, sampling_schedule
 
@@ -128,8 +127,8 @@ def largest_components(labels: np.ndarray) -> np.ndarray:
 
 
 def ranking(dice: np.ndarray, score: np.ndarray) -> dict:
-    worst = int(dice.argmin())
-    return {"spearman": float(spearmanr(dice, score).statistic), "worst_rank": int(1 + (score > score[worst]).sum())}
+    rho, rank = rank_of_failures(dice.tolist(), score.tolist())
+    return {"spearman": rho, "worst_rank": rank}
 
 
 def main() -> None:

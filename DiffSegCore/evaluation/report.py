@@ -7,10 +7,10 @@ import math
 from pathlib import Path
 
 import numpy as np
-from scipy.stats import spearmanr
 
 from DiffSegCore.errors import InputError, ModelError
 from DiffSegCore.evaluation.metrics import case_metrics
+from DiffSegCore.inference.case_score import rank_of_failures
 from DiffSegCore.inference.pipeline import OutputOptions, on_input_grid, run_case
 from DiffSegCore.inference.ranks import Distributed
 from DiffSegCore.io.atomic import write_text
@@ -106,10 +106,10 @@ def review_ranking(rows: list[dict]) -> dict:
     kept = [(d, r["review_score"], r["case"]) for d, r in zip(dice, rows) if d is not None and r["review_score"] is not None]
     if len(kept) < 3:
         return {"review_spearman": None, "worst_case": None, "worst_case_review_rank": None}
-    worst = min(kept)
-    rank = 1 + sum(score > worst[1] for _, score, _ in kept)
-    rho = float(spearmanr([d for d, _, _ in kept], [score for _, score, _ in kept]).statistic)
-    return {"review_spearman": _finite(rho), "worst_case": worst[2], "worst_case_review_rank": rank}
+    case_dice, scores, names = zip(*kept)
+    rho, rank = rank_of_failures(case_dice, scores)
+    worst = names[min(range(len(case_dice)), key=case_dice.__getitem__)]
+    return {"review_spearman": _finite(rho), "worst_case": worst, "worst_case_review_rank": rank}
 
 
 def _cell(value, digits: int = 3) -> str:

@@ -7,6 +7,8 @@ the mean voxel variance does, because it is relative to the size of each structu
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 
@@ -33,3 +35,13 @@ def review_score(member_labels: torch.Tensor, labels: torch.Tensor, num_classes:
     counted = present.sum(-1)
     per_member = torch.where(counted > 0, dice.sum(-1) / counted.clamp_min(1), torch.ones_like(dice[:, 0]))
     return float(1 - per_member.mean())
+
+
+def rank_of_failures(dice: Sequence[float], scores: Sequence[float]) -> tuple[float, int]:
+    """How well `scores` rank the failing cases first, over cases with these `dice` (same order):
+    Spearman(case Dice, score), negative when they do, and the worst case's rank by score (1 = reviewed first)."""
+    from scipy.stats import spearmanr  # here: the segmenting path imports this module and needs no scipy
+
+    worst = min(range(len(dice)), key=dice.__getitem__)
+    rank = 1 + sum(score > scores[worst] for score in scores)
+    return float(spearmanr(dice, scores).statistic), int(rank)

@@ -7,7 +7,14 @@ import torch
 
 from DiffSegCore.errors import ModelError
 from DiffSegCore.inference.ensemble import member_probabilities
-from DiffSegCore.inference.predictor import bundle_members, member_views, sample_members, sampling_schedule
+from DiffSegCore.inference.plan import make_plan
+from DiffSegCore.inference.predictor import (
+    bundle_members,
+    conditioning,
+    member_views,
+    sample_members,
+    sampling_schedule,
+)
 from DiffSegCore.models.bundle import load_bundle, network_config, save_bundle
 from DiffSegCore.networks.unet import build_network
 from DiffSegCore.settings import resolve
@@ -82,8 +89,6 @@ def test_each_member_comes_from_its_network_and_mirroring(tmp_path):
     torch.testing.assert_close(probs[2], alone(net0, image.flip(3), 2).flip(3))  # mirrored in x and back
     torch.testing.assert_close(probs[3], alone(net1, image.flip(3), 3).flip(3))
     # Batching and order do not change a member: members 2-3 alone equal members 2-3 of the four.
-    from DiffSegCore.inference.plan import make_plan
-
     plan = make_plan(bundle, tuple(image.shape[1:]), settings)
     torch.testing.assert_close(bundle_members(bundle, image, settings, plan, 2, 2), probs[2:])
 
@@ -116,8 +121,6 @@ def test_mirrored_members_keep_coordinate_channels_unmirrored(tmp_path):
     bundle = load_bundle(path)
     settings = resolve(bundle.meta, {"ensemble": 2, "steps": 1, "precision": "float32"})
     image = torch.randn(1, 16, 24, 16, generator=torch.Generator().manual_seed(5))
-    from DiffSegCore.inference.predictor import conditioning
-
     cond = conditioning(bundle.network, image)
     probs = member_probabilities(bundle, image, settings)
     schedule = sampling_schedule(bundle.meta["diffusion"], 1)
