@@ -29,7 +29,7 @@ from DiffSegCore.inference.pipeline import (
 )
 from DiffSegCore.inference.plan import resolve_device
 from DiffSegCore.inference.ranks import Distributed
-from DiffSegCore.io.atomic import write_text
+from DiffSegCore.io.atomic import remove_orphans, write_text
 from DiffSegCore.io.cases import channel_mismatch
 from DiffSegCore.models.bundle import ModelBundle
 from DiffSegCore.progress import RunProgress
@@ -137,6 +137,7 @@ def segment_cases(
     """
     overlap = overlap_pays(settings) if overlap is None else overlap
     inputs = input_files(cases) if inputs is None else inputs
+    remove_orphans(output_dir, ".*.")  # staging of runs killed with -9: one sweep per run, not one per case
     outcomes: dict[str, CaseOutcome] = {}
 
     def settled(outcome: CaseOutcome) -> None:

@@ -21,7 +21,7 @@ from DiffSegCore.inference.ensemble import EnsembleResult, predict_volume
 from DiffSegCore.inference.memory import model_grid_shape
 from DiffSegCore.inference.plan import Plan, make_plan, resolve_device
 from DiffSegCore.inference.review import segment_review
-from DiffSegCore.io.atomic import owned_prefix, remove_orphans
+from DiffSegCore.io.atomic import owned_prefix
 from DiffSegCore.io.preprocess import prepare_image, resample_like, resample_to_spacing
 from DiffSegCore.io.sanity import input_warnings
 from DiffSegCore.io.volumes import from_array, read_channels, read_volume, same_geometry, write_image_atomic
@@ -191,26 +191,6 @@ def output_targets(case: str, output_dir: Path, settings: RunSettings, options: 
     return {key: output_dir / name for key, name in output_names(case, options, settings.ensemble).items()}
 
 
-def segment_case(
-    bundle: ModelBundle,
-    inputs: list[Path],
-    case: str,
-    output_dir: Path,
-    settings: RunSettings,
-    options: OutputOptions,
-    progress: RunProgress,
-) -> tuple[dict[str, Path], RunSettings]:
-    """Segment one case; every output appears at once at the end, or none does.
-
-    Returns each output's path by key and the settings the case ran with.
-    """
-    existing = [p for p in output_targets(case, output_dir, settings, options).values() if p.exists()]
-    if existing and not options.overwrite:
-        raise InputError(f"{existing[0]} already exists; choose another --output-dir or pass --overwrite")
-    sampled = run_case(bundle, inputs, settings, progress, options.save_members)
-    return write_case(bundle, inputs, case, output_dir, sampled, options, progress), sampled.settings
-
-
 def write_case(
     bundle: ModelBundle,
     inputs: list[Path],
@@ -226,7 +206,6 @@ def write_case(
     clock = time.perf_counter()
     progress.report("write", "writing outputs")
     try:
-        remove_orphans(output_dir, f".{case}.")  # left by a run of this case killed with -9
         staging = Path(tempfile.mkdtemp(prefix=owned_prefix(f".{case}."), dir=output_dir))
     except OSError as exc:
         raise RuntimeFault(f"cannot write in {output_dir} ({exc.strerror}); check write permission") from None

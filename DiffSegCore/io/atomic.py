@@ -8,7 +8,6 @@ files that `stale_temporaries` finds. Standard library only: the torch-free laye
 
 from __future__ import annotations
 
-import glob
 import os
 import platform
 import re
@@ -37,12 +36,13 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_orphans(folder: Path, prefix: str) -> None:
-    """Remove the staging folders `folder`/`prefix`<host>-<pid>-* of processes on this host that are gone
-    (killed with -9, they could not clean up); those of live processes are theirs."""
-    for staging in Path(folder).glob(f"{glob.escape(prefix)}{HOST}-*-*"):
-        pid = staging.name.removeprefix(f"{prefix}{HOST}-").split("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
+def remove_orphans(folder: Path, prefix_pattern: str) -> None:
+    """Remove the staging folders `folder`/<prefix_pattern><host>-<pid>-* of processes on this host that are gone
+    (killed with -9, they could not clean up); those of live processes are theirs. `prefix_pattern` is a glob
+    pattern: `glob.escape` a literal prefix; ".*." sweeps every case's staging in an output folder at once."""
+    for staging in Path(folder).glob(f"{prefix_pattern}{HOST}-*-*"):
+        pid = staging.name.rpartition(f"{HOST}-")[2].split("-")[0]
+        if staging.is_dir() and pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(staging, ignore_errors=True)
 
 

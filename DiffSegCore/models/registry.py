@@ -14,6 +14,7 @@ torch is imported only when a bundle is validated, so listing models stays fast.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import importlib.util
 import json
@@ -481,7 +482,7 @@ def _install(
     with _writing_home():
         cache = cache_dir()
         cache.mkdir(parents=True, exist_ok=True)
-        remove_orphans(cache, STAGING)
+        remove_orphans(cache, glob.escape(STAGING))
         staging = Path(tempfile.mkdtemp(prefix=owned_prefix(STAGING), dir=cache))
         try:
             root = staging / "bundle"

@@ -154,9 +154,12 @@ def test_staging_left_by_a_run_killed_with_minus_9_is_removed_by_the_next_run(cl
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     dead = tmp_path / f".small_001.{HOST}-{gone.pid}-x1"
+    other_case = tmp_path / f".other_002.{HOST}-{gone.pid}-x3"  # swept once per run, whichever case left it
     live = tmp_path / f"{owned_prefix('.small_001.')}x2"  # this process: a run still writing
-    for folder in (dead, live):
+    users = tmp_path / f"notes.{HOST}-{gone.pid}-x4"  # not a hidden staging name: the user's, kept
+    for folder in (dead, other_case, live, users):
         folder.mkdir()
         (folder / "small_001_seg.nii.gz").write_bytes(b"half")
     assert run(cli, small_case, tiny_bundle, tmp_path).code == 0
-    assert not dead.exists() and live.exists()
+    assert not dead.exists() and not other_case.exists()
+    assert live.exists() and users.exists()
