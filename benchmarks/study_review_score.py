@@ -1,10 +1,12 @@
 """Study 7b: members that disagree where the model can be wrong, and a per-case review score.
 
-Per validation case, members of the bundled model from several sources of doubt (diffusion noise,
-mirrored inputs, shifted inputs, intensity changes, the pre-segmentation network, re-noising the
-ensemble's own label to T' = 1..3), then for each set of members: its Dice, and how well two per-case
-scores rank the failing cases first (Spearman with the case Dice of the default ensemble; the worst
-case's rank by score). Also the foreground threshold and largest-component levers on Dice and HD95.
+Per validation case, members of the bundled model's first network from several sources of doubt
+(diffusion noise, mirrored inputs, shifted inputs, intensity changes, the pre-segmentation network,
+re-noising the ensemble's own label to T' = 1..3), then for each set of members: its Dice, and how well
+two per-case scores rank the failing cases first (Spearman with the case Dice of 5 noise members; the
+worst case's rank by score). Then each source alone as a score: how far its label map lies from the
+5 noise members' one (1 - foreground Dice). Also the foreground threshold and largest-component levers
+on Dice and HD95. Labels use the bundle's default foreground threshold.
 
     python benchmarks/study_review_score.py [--cases N] [--smoke]
 """
@@ -55,6 +57,16 @@ SETS = {
     ),
 }
 THRESHOLDS = (0.0, 0.6, 0.7, 0.8, 0.9)
+# source -> the member keys whose label maps are each compared with the 5 noise members' label map
+SOURCES = {
+    "mirrored left-right (x)": ["flip3"],
+    "all 7 mirrorings": [f"flip{i}" for i in range(1, 8)],
+    "shifted by 2 voxels": SHIFTS,
+    "intensity changed": INTENSITY,
+    "own label re-noised": ["self1", "self2", "self3"],
+    "pre-segmentation network": ["pre0"],
+    "all of the above": [f"flip{i}" for i in range(1, 8)] + SHIFTS + INTENSITY + ["self1", "self2", "self3", "pre0"],
+}
 
 
 def sample_sources(bundle, case) -> dict[str, np.ndarray]:
@@ -126,6 +138,18 @@ def largest_components(labels: np.ndarray) -> np.ndarray:
     return labels
 
 
+def source_scores(cases: list[dict], threshold: float) -> dict[str, np.ndarray]:
+    """Per source, per case: the mean over its keys of 1 - foreground Dice against the 5 noise members' labels
+    (the review score with each key's label map as one member)."""
+    out = {name: [] for name in SOURCES}
+    for c in cases:
+        default = label_map(torch.from_numpy(c["base"][:5]).mean(0), threshold)
+        for name, keys in SOURCES.items():
+            own = torch.stack([label_map(torch.from_numpy(c[k]).mean(0), threshold) for k in keys])
+            out[name].append(review_score(own, default, 3))
+    return {name: np.array(v) for name, v in out.items()}
+
+
 def ranking(dice: np.ndarray, score: np.ndarray) -> dict:
     rho, rank = rank_of_failures(dice.tolist(), score.tolist())
     return {"spearman": rho, "worst_rank": rank}
@@ -137,8 +161,9 @@ def main() -> None:
     bundle = default_bundle(args.bundle)
     data = load_data(bundle.meta, budget, args.smoke)
     cases = [load_sources(bundle, case) for case in data.validation]
+    threshold = float(bundle.meta["defaults"]["foreground_threshold"] or 0.0)
     default_dice = np.array(
-        [scores(label_map(torch.from_numpy(c["base"][:5]).mean(0), 0.8).numpy(), c["truth"])[0] for c in cases]
+        [scores(label_map(torch.from_numpy(c["base"][:5]).mean(0), threshold).numpy(), c["truth"])[0] for c in cases]
     )
     sets = []
     for name, (members_of, evaluations) in SETS.items():
@@ -146,12 +171,12 @@ def main() -> None:
         for c in cases:
             members = torch.from_numpy(members_of(c))
             mean = members.mean(0)
-            labels = label_map(mean, 0.8)
+            labels = label_map(mean, threshold)
             dice.append(scores(labels.numpy(), c["truth"])[0])
             foreground = labels > 0
             var = members.var(0, unbiased=False).sum(0)
             variance.append(float(var[foreground].mean()) if foreground.any() else 0.0)
-            review.append(review_score(label_map(members, 0.8, dim=1), labels, 3))
+            review.append(review_score(label_map(members, threshold, dim=1), labels, 3))
         row = {
             "members": name,
             "network_evaluations": evaluations,
@@ -161,6 +186,10 @@ def main() -> None:
         }
         sets.append(row)
         print(f"{name}: Dice {row['dice']:.4f}; variance {row['mean_fg_variance']}; review {row['review_score']}")
+    sources = []
+    for name, score in source_scores(cases, threshold).items():
+        sources.append({"source": name, "keys": len(SOURCES[name]), **ranking(default_dice, score)})
+        print(f"{name} alone: {sources[-1]}")
     levers = []
     for threshold in THRESHOLDS:
         for keep_largest in (False, True):
@@ -183,7 +212,9 @@ def main() -> None:
         {
             **bundle_fields(bundle, data),
             "budget": f"no training; {len(cases)} validation cases, 1 sampling step, DDIM, seed 0",
+            "foreground_threshold": threshold,
             "sets": sets,
+            "sources": sources,
             "levers": levers,
         },
         args.smoke,
