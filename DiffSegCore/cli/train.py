@@ -197,8 +197,11 @@ def run_train(args: argparse.Namespace) -> int:
         if not (run_dir / CONFIG).exists():
             raise InputError(f"{run_dir} holds no run to resume; start it without --resume")
         config = TrainConfig.from_json(json.loads((run_dir / CONFIG).read_text()))
-        config.iterations = args.iterations or config.iterations
         data = json.loads((run_dir / "data.json").read_text())
+        if args.iterations and args.iterations > config.iterations:  # extended: part of how the model came to be
+            data["resumed"] = [*data.get("resumed", []), command_line(args)]
+            write_json(run_dir / "data.json", data)
+        config.iterations = args.iterations or config.iterations
     else:
         if (run_dir / CONFIG).exists():
             raise InputError(f"{run_dir} already holds a run; pass --resume to continue it or choose a new --output")
@@ -215,9 +218,6 @@ def run_train(args: argparse.Namespace) -> int:
     print(f"finished {state.step} iterations; best validation Dice {state.best:.4f} at step {state.best_step}")
     if config.kind == "diffusion" and int(os.environ.get("RANK", "0")) == 0:
         bundle = Path(args.bundle) if args.bundle else run_dir / "bundle"
-        # The command that started the run, not a later --resume, is what reproduces the model.
-        export_bundle(
-            run_dir, bundle, card, args.preseg_run, args.weights_dtype, data.get("command"), args.member_runs
-        )
+        export_bundle(run_dir, bundle, card, args.preseg_run, args.weights_dtype, args.member_runs)
         print(f"bundle written to {bundle}")
     return 0

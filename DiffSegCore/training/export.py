@@ -51,7 +51,6 @@ def export_bundle(
     card: dict | None = None,
     preseg_run: str | Path | None = None,
     weights_dtype: str = "float32",
-    command: str | None = None,
     member_runs: list[str | Path] | None = None,
 ) -> Path:
     """Write a bundle from a diffusion run's best weights (+ a unet run's as pre-segmentation, + other
@@ -95,12 +94,20 @@ def export_bundle(
             "batch": config.batch,
             "patch_size": config.size,
             "config": asdict(config),
-            **({"command": command} if command else {}),
-            **({"preseg_command": unet_data.get("command")} if preseg_run is not None else {}),
+            **({"command": command} if (command := run_commands(data)) else {}),
+            **({"preseg_command": run_commands(unet_data)} if preseg_run is not None else {}),
             **({"member_commands": member_commands} if member_commands else {}),
         },
     }
     return save_bundle(out_dir, meta, weights, preseg_weights, more_weights)
+
+
+def run_commands(data: dict) -> str | None:
+    """The commands that reproduce a run (its data.json `data`): the one that started it, then each --resume that
+    extended it (a longer cosine schedule from the start is another run), joined with &&; None if unrecorded."""
+    if not data.get("command"):
+        return None
+    return " && ".join([data["command"], *data.get("resumed", [])])
 
 
 def check_member_runs(runs: list[str | Path], config: TrainConfig) -> None:
@@ -120,7 +127,7 @@ def _member_weights(runs: list[str | Path], config: TrainConfig, dtype: torch.dt
     for run in runs:
         tensors, _, data = _weights(Path(run), dtype)
         weights.append(tensors)
-        commands.append(data.get("command"))
+        commands.append(run_commands(data))
     return weights, commands
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -206,6 +207,19 @@ def test_half_precision_export_loads_back_as_float32(trained):
         assert other.dtype == value.dtype
         torch.testing.assert_close(other, value, atol=2e-3, rtol=2e-3)
     assert loaded.meta["classes"][0]["name"] == "Anterior hippocampus"  # no card: the class names the run recorded
+
+
+def test_extending_a_run_records_the_resume_that_shaped_the_model(trained):
+    run = trained / "extended"
+    shutil.copytree(trained / "diffusion", run)
+    shutil.rmtree(run / "bundle")
+    assert run_training_command("train", "--resume", "--output", run, "--iterations", "4", *FAST) == 0
+    again = ["--iterations", "4", "--bundle", run / "again"]  # resumed at its end: not extended, not recorded
+    assert run_training_command("train", "--resume", "--output", run, *again, *FAST) == 0
+    command = validate_bundle(run / "again")["training"]["command"]
+    start, resumed = command.split(" && ")  # the run's start, then the one resume that extended it
+    assert start.startswith("diffseg train --data") and "--iterations 3" in start
+    assert resumed.startswith("diffseg train --output") and "--resume" in resumed and "--iterations 4" in resumed
 
 
 def test_existing_run_is_not_overwritten(trained):
