@@ -119,7 +119,8 @@ def test_shipped_registry_lists_the_bundled_default(tmp_path, monkeypatch):
     monkeypatch.setenv("DIFFSEG_HOME", str(tmp_path))
     default = registry.model_info("hippocampus-recycling-x0")
     assert default.title == "Hippocampus (MR) - recycling diffusion"
-    assert default.current.version == "1.1.0" and default.current.source == "bundled"
+    shipped = json.loads((resource_path("Models", "hippocampus") / "model.json").read_text())["version"]
+    assert default.current.version == shipped and default.current.source == "bundled"
     assert [c["value"] for c in default.classes] == [1, 2]
     if default.current.installed:  # once the trained model ships, it resolves to Resources/Models
         assert registry.resolve_model("hippocampus-recycling-x0") == resource_path("Models", "hippocampus")
