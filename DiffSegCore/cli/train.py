@@ -198,26 +198,33 @@ def run_train(args: argparse.Namespace) -> int:
             raise InputError(f"{run_dir} holds no run to resume; start it without --resume")
         config = TrainConfig.from_json(json.loads((run_dir / CONFIG).read_text()))
         data = json.loads((run_dir / "data.json").read_text())
-        if args.iterations and args.iterations > config.iterations:  # extended: part of how the model came to be
-            data["resumed"] = [*data.get("resumed", []), command_line(args)]
-            write_json(run_dir / "data.json", data)
+        extended = bool(args.iterations) and args.iterations > config.iterations
         config.iterations = args.iterations or config.iterations
     else:
         if (run_dir / CONFIG).exists():
             raise InputError(f"{run_dir} already holds a run; pass --resume to continue it or choose a new --output")
-        config = _config(args)
-        data = prepare_run(args, run_dir, card)
+        config, data, extended = _config(args), None, False
     check_member_runs(args.member_runs, config)
+    bundle = Path(args.bundle) if args.bundle else run_dir / "bundle"
+    if config.kind == "diffusion" and bundle.exists():  # refused before preparing or training, not after it
+        raise InputError(f"{bundle} already exists; pass --bundle with a new folder, or remove it first")
+    data = prepare_run(args, run_dir, card) if data is None else data
+
+    def record_extension() -> None:  # part of how the model came to be (export.run_commands)
+        if extended:
+            data["resumed"] = [*data.get("resumed", []), command_line(args)]
+            write_json(run_dir / "data.json", data)
     split = json.loads((run_dir / SPLIT_FILE).read_text())
     cached = {c.name: c for c in read_index(run_dir / CASES_FILE)}
     train_cases = [cached[n] for n in split["train"]]
     val_cases = [cached[n] for n in split["validation"]]
     if not train_cases:
         raise InputError("the split leaves no training cases; lower --validation-fraction")
-    state, _ = train(run_dir, train_cases, val_cases, config, data["num_classes"], resume=args.resume)
+    state, _ = train(
+        run_dir, train_cases, val_cases, config, data["num_classes"], resume=args.resume, on_start=record_extension
+    )
     print(f"finished {state.step} iterations; best validation Dice {state.best:.4f} at step {state.best_step}")
     if config.kind == "diffusion" and int(os.environ.get("RANK", "0")) == 0:
-        bundle = Path(args.bundle) if args.bundle else run_dir / "bundle"
         export_bundle(run_dir, bundle, card, args.preseg_run, args.weights_dtype, args.member_runs)
         print(f"bundle written to {bundle}")
     return 0

@@ -154,6 +154,7 @@ def train(
     resume: bool = False,
     log: Callable[[str], None] = print,
     stop_after: int | None = None,
+    on_start: Callable[[], None] | None = None,
 ) -> tuple[RunState, torch.nn.Module]:
     """Train until config.iterations (or, for time-sliced runs, stop after `stop_after` more steps).
 
@@ -168,6 +169,7 @@ def train(
         resume: continue from run_dir's checkpoint.
         log: where progress lines go (rank 0 only).
         stop_after: steps to run in this call at most.
+        on_start: called (rank 0) once the run's checkpoint is loaded and its config.json written.
 
     Returns:
         the run state and the trained network (not the EMA copy).
@@ -195,6 +197,8 @@ def train(
     if ddp.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text(run_dir / CONFIG, json.dumps(asdict(config), indent=2) + "\n")
+        if on_start is not None:
+            on_start()
     model = network
     if ddp.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(

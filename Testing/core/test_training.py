@@ -214,6 +214,9 @@ def test_extending_a_run_records_the_resume_that_shaped_the_model(trained):
     shutil.copytree(trained / "diffusion", run)
     shutil.rmtree(run / "bundle")
     assert run_training_command("train", "--resume", "--output", run, "--iterations", "4", *FAST) == 0
+    with pytest.raises(InputError, match="bundle already exists; pass --bundle"):  # before any training
+        run_training_command("train", "--resume", "--output", run, "--iterations", "5", *FAST)
+    assert json.loads((run / "config.json").read_text())["iterations"] == 4
     again = ["--iterations", "4", "--bundle", run / "again"]  # resumed at its end: not extended, not recorded
     assert run_training_command("train", "--resume", "--output", run, *again, *FAST) == 0
     command = validate_bundle(run / "again")["training"]["command"]
