@@ -191,16 +191,16 @@ def main() -> None:
         sources.append({"source": name, "keys": len(SOURCES[name]), **ranking(default_dice, score)})
         print(f"{name} alone: {sources[-1]}")
     levers = []
-    for threshold in THRESHOLDS:
+    for lever in THRESHOLDS:
         for keep_largest in (False, True):
             per_case = []
             for c in cases:
-                labels = label_map(torch.from_numpy(c["base"][:5]).mean(0), threshold).numpy()
+                labels = label_map(torch.from_numpy(c["base"][:5]).mean(0), lever).numpy()
                 per_case.append(scores(largest_components(labels) if keep_largest else labels, c["truth"]))
             per_case = np.array(per_case)
             levers.append(
                 {
-                    "threshold": threshold,
+                    "threshold": lever,
                     "largest_component": keep_largest,
                     "dice": float(per_case[:, 0].mean()),
                     "hd95_mm": float(np.nanmean(per_case[:, 1])),
