@@ -23,6 +23,14 @@ from Testing.conftest import tiny_meta
 MEMBERS = {"networks": 2, "mirror_axes": [2]}
 
 
+def one_member(network, cond, schedule, seed, k, start=None):
+    """Member k sampled alone, in float32: probabilities (K, *S)."""
+    return sample_members(
+        network, cond, schedule, prediction="x0", sampler="ddim", eta=0.0, seed=seed, members=[k], precision="float32",
+        start=start,
+    )[0]  # fmt: skip
+
+
 def _two_network_bundle(folder, members=MEMBERS):
     """A real bundle with two differently initialised diffusion networks; returns (path, their state dicts)."""
     meta = tiny_meta(members=members, preseg_network=None)
@@ -71,17 +79,7 @@ def test_each_member_comes_from_its_network_and_mirroring(tmp_path):
     schedule = sampling_schedule(bundle.meta["diffusion"], 2)
 
     def alone(network, cond, k):
-        return sample_members(
-            network,
-            cond,
-            schedule,
-            prediction="x0",
-            sampler="ddim",
-            eta=0.0,
-            seed=settings.seed,
-            members=[k],
-            precision="float32",
-        )[0]
+        return one_member(network, cond, schedule, settings.seed, k)
 
     net0, net1 = bundle.networks
     torch.testing.assert_close(probs[0], alone(net0, image, 0))
@@ -125,17 +123,7 @@ def test_mirrored_members_keep_coordinate_channels_unmirrored(tmp_path):
     probs = member_probabilities(bundle, image, settings)
     schedule = sampling_schedule(bundle.meta["diffusion"], 1)
     mirrored = torch.cat([image.flip(3), cond[1:]])  # the image mirrored, the global coordinates not
-    expected = sample_members(
-        bundle.network,
-        mirrored,
-        schedule,
-        prediction="x0",
-        sampler="ddim",
-        eta=0.0,
-        seed=settings.seed,
-        members=[1],
-        precision="float32",
-    )[0].flip(3)
+    expected = one_member(bundle.network, mirrored, schedule, settings.seed, 1).flip(3)
     torch.testing.assert_close(probs[1], expected)
 
 
@@ -147,29 +135,7 @@ def test_a_networks_mirrored_and_plain_members_share_a_batch_from_their_own_star
     plan = make_plan(bundle, tuple(image.shape[1:]), settings)
     probs = bundle_members(bundle, image, settings, plan, 0, 3, preseg)  # members 0 and 2: network 0, one batch
     schedule = sampling_schedule(bundle.meta["diffusion"], 2, 1)
-    mirrored = sample_members(
-        bundle.networks[0],
-        image.flip(3),
-        schedule,
-        prediction="x0",
-        sampler="ddim",
-        eta=0.0,
-        seed=settings.seed,
-        members=[2],
-        precision="float32",
-        start=preseg.flip(2),
-    )[0].flip(3)
+    mirrored = one_member(bundle.networks[0], image.flip(3), schedule, settings.seed, 2, preseg.flip(2)).flip(3)
     torch.testing.assert_close(probs[2], mirrored)  # its input and start mirrored, its prediction mirrored back
-    plain = sample_members(
-        bundle.networks[0],
-        image,
-        schedule,
-        prediction="x0",
-        sampler="ddim",
-        eta=0.0,
-        seed=settings.seed,
-        members=[0],
-        precision="float32",
-        start=preseg,
-    )[0]
+    plain = one_member(bundle.networks[0], image, schedule, settings.seed, 0, preseg)
     torch.testing.assert_close(probs[0], plain)
