@@ -211,9 +211,9 @@ def run_train(args: argparse.Namespace) -> int:
     data = prepare_run(args, run_dir, card) if data is None else data
 
     def record_extension() -> None:  # part of how the model came to be (export.run_commands)
-        if extended:
-            data["resumed"] = [*data.get("resumed", []), command_line(args)]
-            write_json(run_dir / "data.json", data)
+        data["resumed"] = [*data.get("resumed", []), command_line(args)]
+        write_json(run_dir / "data.json", data)
+
     split = json.loads((run_dir / SPLIT_FILE).read_text())
     cached = {c.name: c for c in read_index(run_dir / CASES_FILE)}
     train_cases = [cached[n] for n in split["train"]]
@@ -221,8 +221,9 @@ def run_train(args: argparse.Namespace) -> int:
     if not train_cases:
         raise InputError("the split leaves no training cases; lower --validation-fraction")
     state, _ = train(
-        run_dir, train_cases, val_cases, config, data["num_classes"], resume=args.resume, on_start=record_extension
-    )
+        run_dir, train_cases, val_cases, config, data["num_classes"],
+        resume=args.resume, on_start=record_extension if extended else None,
+    )  # fmt: skip
     print(f"finished {state.step} iterations; best validation Dice {state.best:.4f} at step {state.best_step}")
     if config.kind == "diffusion" and int(os.environ.get("RANK", "0")) == 0:
         export_bundle(run_dir, bundle, card, args.preseg_run, args.weights_dtype, args.member_runs)
