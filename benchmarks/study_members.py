@@ -57,7 +57,7 @@ def member_sets(bundle) -> dict:
 
 def ranking(dice: np.ndarray, score: np.ndarray) -> dict:
     """Spearman(case Dice, score) (negative is good) and the worst case's rank by score (1 = first)."""
-    rho, rank = rank_of_failures(dice.tolist(), score.tolist())
+    rho, rank, _ = rank_of_failures(dice.tolist(), score.tolist())
     return {"spearman": round(rho, 3), "worst_rank": rank}
 
 

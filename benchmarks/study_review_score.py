@@ -151,7 +151,7 @@ def source_scores(cases: list[dict], threshold: float) -> dict[str, np.ndarray]:
 
 
 def ranking(dice: np.ndarray, score: np.ndarray) -> dict:
-    rho, rank = rank_of_failures(dice.tolist(), score.tolist())
+    rho, rank, _ = rank_of_failures(dice.tolist(), score.tolist())
     return {"spearman": rho, "worst_rank": rank}
 
 

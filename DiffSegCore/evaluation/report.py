@@ -107,9 +107,8 @@ def review_ranking(rows: list[dict]) -> dict:
     if len(kept) < 3:
         return {"review_spearman": None, "worst_case": None, "worst_case_review_rank": None}
     case_dice, scores, names = zip(*kept)
-    rho, rank = rank_of_failures(case_dice, scores)
-    worst = names[min(range(len(case_dice)), key=case_dice.__getitem__)]
-    return {"review_spearman": _finite(rho), "worst_case": worst, "worst_case_review_rank": rank}
+    rho, rank, worst = rank_of_failures(case_dice, scores)
+    return {"review_spearman": _finite(rho), "worst_case": names[worst], "worst_case_review_rank": rank}
 
 
 def _cell(value, digits: int = 3) -> str:

@@ -37,11 +37,12 @@ def review_score(member_labels: torch.Tensor, labels: torch.Tensor, num_classes:
     return float(1 - per_member.mean())
 
 
-def rank_of_failures(dice: Sequence[float], scores: Sequence[float]) -> tuple[float, int]:
+def rank_of_failures(dice: Sequence[float], scores: Sequence[float]) -> tuple[float, int, int]:
     """How well `scores` rank the failing cases first, over cases with these `dice` (same order):
-    Spearman(case Dice, score), negative when they do, and the worst case's rank by score (1 = reviewed first)."""
+    Spearman(case Dice, score), negative when they do, the worst case's rank by score (1 = reviewed first) and
+    the worst case's index."""
     from scipy.stats import spearmanr  # here: the segmenting path imports this module and needs no scipy
 
     worst = min(range(len(dice)), key=dice.__getitem__)
     rank = 1 + sum(score > scores[worst] for score in scores)
-    return float(spearmanr(dice, scores).statistic), int(rank)
+    return float(spearmanr(dice, scores).statistic), int(rank), worst

@@ -121,7 +121,7 @@ def check_member_runs(runs: list[str | Path], config: TrainConfig) -> None:
 
 
 def _member_weights(runs: list[str | Path], config: TrainConfig, dtype: torch.dtype) -> tuple[list[dict], list]:
-    """The best weights and starting commands of further diffusion runs of `config`'s network."""
+    """The best weights, and the commands that reproduce them, of further diffusion runs of `config`'s network."""
     check_member_runs(runs, config)
     weights, commands = [], []
     for run in runs:
