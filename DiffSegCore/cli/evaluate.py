@@ -42,10 +42,16 @@ def _validation_cases(split: str, model: str) -> set[str]:
         from DiffSegCore.models.metadata import read_meta
         from DiffSegCore.models.registry import resolve_model
 
-        held_out = read_meta(resolve_model(model)).get("training", {}).get("split", {}).get("validation")
-        if not held_out:
-            raise InputError(f"model {model} records no validation cases; pass a run's split.json to --split")
-        return set(held_out)
+        training = read_meta(resolve_model(model)).get("training", {})
+        held_out = training.get("split", {}).get("validation")
+        if held_out:
+            return set(held_out)
+        if "validated_recipe" in training:  # trained on every case: its split run's cases are its training cases
+            raise InputError(
+                f"model {model} was trained on every development case and holds none out (its validation figures "
+                "are its split run's, model.json training.validated_recipe); evaluate it on cases it never saw"
+            )
+        raise InputError(f"model {model} records no validation cases; pass a run's split.json to --split")
     try:
         return set(json.loads(Path(split).read_text())["validation"])
     except (OSError, ValueError, KeyError, TypeError) as exc:

@@ -83,6 +83,12 @@ def add_train_parser(subparsers) -> None:
         help="finished diffusion runs of the same network (other seeds) to pack as further ensemble members",
     )
     g.add_argument("--weights-dtype", choices=["float32", "float16"], default="float32")
+    g.add_argument(
+        "--validated-by",
+        metavar="BUNDLE",
+        help="for a run on every case (--validation-fraction 0): the bundle of the same recipe trained on a split, "
+        "whose recorded validation figures this bundle carries",
+    )
     p.set_defaults(func=run_train, parser=p)
 
 
@@ -187,7 +193,7 @@ def run_train(args: argparse.Namespace) -> int:
     import torch
 
     from DiffSegCore.training.cache import read_index
-    from DiffSegCore.training.export import check_member_runs, export_bundle
+    from DiffSegCore.training.export import check_member_runs, check_validated_by, export_bundle
     from DiffSegCore.training.loop import CONFIG, TrainConfig, train
 
     torch.set_num_threads(args.threads)
@@ -209,6 +215,8 @@ def run_train(args: argparse.Namespace) -> int:
     if config.kind == "diffusion" and bundle.exists():  # refused before preparing or training, not after it
         raise InputError(f"{bundle} already exists; pass --bundle with a new folder, or remove it first")
     data = prepare_run(args, run_dir, card) if data is None else data
+    if args.validated_by and config.kind == "diffusion":
+        check_validated_by(args.validated_by, config, data)
 
     def record_extension() -> None:  # part of how the model came to be (export.run_commands)
         data["resumed"] = [*data.get("resumed", []), command_line(args)]
@@ -224,8 +232,11 @@ def run_train(args: argparse.Namespace) -> int:
         run_dir, train_cases, val_cases, config, data["num_classes"],
         resume=args.resume, on_start=record_extension if extended else None,
     )  # fmt: skip
-    print(f"finished {state.step} iterations; best validation Dice {state.best:.4f} at step {state.best_step}")
+    checked = f"best validation Dice {state.best:.4f} at step {state.best_step}" if val_cases else "no validation cases"
+    print(f"finished {state.step} iterations; {checked}")
     if config.kind == "diffusion" and int(os.environ.get("RANK", "0")) == 0:
-        export_bundle(run_dir, bundle, card, args.preseg_run, args.weights_dtype, args.member_runs)
+        export_bundle(
+            run_dir, bundle, card, args.preseg_run, args.weights_dtype, args.member_runs, args.validated_by
+        )
         print(f"bundle written to {bundle}")
     return 0

@@ -52,9 +52,11 @@ def export_bundle(
     preseg_run: str | Path | None = None,
     weights_dtype: str = "float32",
     member_runs: list[str | Path] | None = None,
+    validated_by: str | Path | None = None,
 ) -> Path:
     """Write a bundle from a diffusion run's best weights (+ a unet run's as pre-segmentation, + other
-    trainings of the same network as further ensemble members, model.json "members")."""
+    trainings of the same network as further ensemble members, model.json "members"; + with `validated_by`,
+    the validation figures of the split run's bundle of the same recipe, for a run trained on every case)."""
     run_dir = Path(run_dir)
     dtype = WEIGHT_DTYPES[weights_dtype]
     weights, config, data = _weights(run_dir, dtype)
@@ -62,6 +64,8 @@ def export_bundle(
         raise InputError(f"{run_dir} trained a '{config.kind}' network; a bundle needs a diffusion run")
     more_weights, member_commands = _member_weights(member_runs or [], config, dtype)
     card = card or default_card(data)
+    members = _members(card, len(more_weights), config.mirror_axes)
+    validated = validated_recipe(validated_by, config, data, members) if validated_by is not None else {}
     num_classes = len(card["classes"]) + 1
     if num_classes != data["num_classes"]:
         raise InputError(
@@ -83,7 +87,7 @@ def export_bundle(
         **({"window": list(config.size)} if config.size and "window" not in card else {}),
         "network": config.network_config(data["image_channels"], num_classes),
         "preseg_network": preseg_config,
-        **_members(card, len(more_weights), config.mirror_axes),
+        **members,
         "diffusion": config.diffusion_config(),
         "training": {
             **card.get("training", {}),
@@ -97,7 +101,9 @@ def export_bundle(
             **({"command": command} if (command := run_commands(data)) else {}),
             **({"preseg_command": run_commands(unet_data)} if preseg_run is not None else {}),
             **({"member_commands": member_commands} if member_commands else {}),
+            **({"validated_recipe": validated["record"]} if validated else {}),
         },
+        **validated.get("figures", {}),
     }
     return save_bundle(out_dir, meta, weights, preseg_weights, more_weights)
 
@@ -129,6 +135,58 @@ def _member_weights(runs: list[str | Path], config: TrainConfig, dtype: torch.dt
         weights.append(tensors)
         commands.append(run_commands(data))
     return weights, commands
+
+
+# Settings of a run that do not change the model it trains (where it ran, how often it checked itself).
+NOT_RECIPE = ("seed", "device", "workers", "val_every", "val_steps", "checkpoint_every")
+
+
+def check_validated_by(bundle_dir: str | Path, config: TrainConfig, data: dict) -> dict:
+    """The model.json of a split run's bundle whose validation figures a run trained on every case may carry:
+    refused unless it holds recorded figures and validation cases, and trained this run's recipe."""
+    from DiffSegCore.models.metadata import read_meta
+
+    meta = read_meta(bundle_dir)
+    split = meta.get("training", {}).get("split") or {}
+    if "validation" not in meta.get("metrics", {}) or not split.get("validation"):
+        raise InputError(
+            f"--validated-by {bundle_dir} holds no recorded validation figures; give the split run's bundle after "
+            "`diffseg evaluate --split model --record`"
+        )
+    if data["split"]["validation"]:
+        raise InputError(
+            f"this run holds out {len(data['split']['validation'])} validation case(s) of its own; --validated-by is "
+            "for a run trained on every case (--validation-fraction 0)"
+        )
+    theirs = {k: v for k, v in meta["training"].get("config", {}).items() if k not in NOT_RECIPE}
+    ours = {k: v for k, v in asdict(config).items() if k not in NOT_RECIPE}
+    theirs["spec"] = {"spacing": meta.get("spacing"), "channels": [c["normalisation"] for c in meta["channels"]]}
+    ours["spec"] = data["spec"]
+    differing = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+    if differing:
+        raise InputError(
+            f"--validated-by {bundle_dir} trained another recipe ({', '.join(differing[:4])} differ); "
+            "its figures do not describe this run"
+        )
+    return meta
+
+
+def validated_recipe(bundle_dir: str | Path, config: TrainConfig, data: dict, members: dict) -> dict:
+    """The split run's figures ("figures": model.json's metrics and expected time) and where they come from
+    ("record": its version, split and commands), for a bundle of the same recipe trained on every case."""
+    meta = check_validated_by(bundle_dir, config, data)
+    if meta.get("members", {}) != members.get("members", {}):
+        raise InputError(
+            f"--validated-by {bundle_dir} was measured with other ensemble members ({meta.get('members')}); "
+            "pack as many --member-runs, with the same mirroring"
+        )
+    training = meta["training"]
+    kept = ("command", "member_commands", "preseg_command")
+    record = {"id": meta["id"], "version": meta.get("version"), "split": training["split"]}
+    return {
+        "record": {**record, **{k: training[k] for k in kept if k in training}},
+        "figures": {k: meta[k] for k in ("metrics", "expected_seconds") if k in meta},
+    }
 
 
 def _members(card: dict, more_networks: int, mirror_axes: list[int]) -> dict:

@@ -258,11 +258,13 @@ def train(
                 state.best, state.best_step = scores["mean_dice"], state.step
                 _save_best(run_dir / BEST, evaluated.state_dict(), {"step": state.step, **scores})
             elapsed = time.monotonic() - started
-            log(
-                f"step {state.step}: loss {value:.4f}, validation Dice {scores['mean_dice']:.4f} "
-                f"(per class {[round(v, 4) for v in scores.get('dice_per_class', [])]}), best {state.best:.4f} "
-                f"at {state.best_step}, {elapsed:.0f} s"
+            checked = (
+                f"validation Dice {scores['mean_dice']:.4f} (per class {[round(v, 4) for v in scores['dice_per_class']]}"
+                f"), best {state.best:.4f} at {state.best_step}"
+                if val_cases
+                else "no validation cases, these weights kept"
             )
+            log(f"step {state.step}: loss {value:.4f}, {checked}, {elapsed:.0f} s")
             save_curve(run_dir / "training_curve.png", state.history)
         stopping = state.step == end
         if ddp.main and (state.step % config.checkpoint_every == 0 or state.step % config.val_every == 0 or stopping):

@@ -225,6 +225,34 @@ def test_extending_a_run_records_the_resume_that_shaped_the_model(trained):
     assert resumed.startswith("diffseg train --output") and "--resume" in resumed and "--iterations 4" in resumed
 
 
+def test_a_run_on_every_case_carries_its_split_runs_validation_figures(trained):
+    split_bundle = trained / "split_bundle"  # the recipe, trained on a split and measured on its held-out case
+    shutil.copytree(trained / "diffusion" / "bundle", split_bundle)
+    labelled = ["--images", trained / "data" / "imagesTr", "--labels", trained / "data" / "labelsTr"]
+    evaluated = ["--split", "model", "--device", "cpu", "--ensemble", "1", "--threads", "1"]
+    with pytest.raises(InputError, match="no recorded validation figures"):  # nothing measured yet
+        run_training_command("train", "--output", trained / "early", "--validated-by", split_bundle, *_common(trained))
+    assert run_training_command("evaluate", "--model", split_bundle, *labelled, *evaluated, "--record") == 0
+    split_meta = validate_bundle(split_bundle)
+    every_case = [*_common(trained), "--validation-fraction", "0", "--seed", "1", "--validated-by", split_bundle]
+    with pytest.raises(InputError, match="holds out 1 validation case"):
+        run_training_command("train", "--output", trained / "held", *every_case, "--validation-fraction", "0.25")
+    with pytest.raises(InputError, match="another recipe \\(widths differ"):
+        run_training_command("train", "--output", trained / "other", *every_case, "--widths", "8", "8")
+    assert not (trained / "other" / "checkpoint.safetensors").exists()  # refused before training
+
+    run = ["--output", trained / "all", "--card", CARD, "--preseg-run", trained / "unet", *every_case]
+    assert run_training_command("train", *run) == 0
+    meta = validate_bundle(trained / "all" / "bundle")
+    assert meta["training"]["split"]["validation"] == [] and meta["training"]["split"]["train_cases"] == 4
+    assert meta["metrics"] == split_meta["metrics"] and meta["expected_seconds"] == split_meta["expected_seconds"]
+    recipe = meta["training"]["validated_recipe"]
+    assert recipe["split"] == split_meta["training"]["split"] and recipe["command"] == split_meta["training"]["command"]
+    assert recipe["preseg_command"] == split_meta["training"]["preseg_command"]
+    with pytest.raises(InputError, match="trained on every development case and holds none out"):
+        run_training_command("evaluate", "--model", trained / "all" / "bundle", *labelled, *evaluated)
+
+
 def test_existing_run_is_not_overwritten(trained):
     with pytest.raises(InputError, match="already holds a run"):
         run_training_command("train", "--data", trained / "data", "--output", trained / "diffusion", *FAST)
