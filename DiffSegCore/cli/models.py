@@ -97,7 +97,35 @@ def _describe(model: ModelInfo) -> list[str]:
     for v in model.versions:
         where = v.path if v.installed else v.url
         lines.append(f"    {v.version:<12} {_status(v):<15} {_size(v.size):>9}  {where or ''}".rstrip())
+        lines += [f"      {line}" for line in _measured(v)]
     return [line for line in lines if line]
+
+
+def _measured(version: ModelVersion) -> list[str]:
+    """The validation figures an installed version's model.json records, and on which model they were measured."""
+    from DiffSegCore.errors import ModelError
+    from DiffSegCore.models.metadata import read_meta
+
+    if not version.installed:
+        return []
+    try:
+        meta = read_meta(version.path)
+    except ModelError as exc:
+        return [f"not usable: {exc}"]
+    figures = meta.get("metrics", {}).get("validation")
+    try:
+        dice = ", ".join(f"{name} {value:.3f}" for name, value in figures["dice"].items())
+        mean, cases = f"{figures['mean_foreground_dice']:.3f}", int(figures["cases"])
+    except (KeyError, TypeError, ValueError, AttributeError):  # none recorded, or not in `diffseg evaluate`'s form
+        return []
+    lines = [f"validation: mean foreground Dice {mean} ({dice}) on {cases} cases"]
+    recipe = meta.get("training", {}).get("validated_recipe")
+    if recipe:  # trained on every case: the figures are its split run's
+        lines.append(
+            f"(measured on {recipe['id']} {recipe['version']}, the same recipe trained on "
+            f"{recipe['split']['train_cases']} cases; this version trained on every development case)"
+        )
+    return lines
 
 
 def _info(args: argparse.Namespace) -> int:

@@ -345,6 +345,23 @@ def test_cli_list_download_info_import_remove(lab, tmp_path, capsys):
     )
 
 
+def test_cli_info_shows_the_recorded_validation_and_the_model_it_was_measured_on(lab, tmp_path, capsys):
+    dice = {"Anterior hippocampus": 0.9004, "Posterior hippocampus": 0.8776}
+    figures = {"cases": 40, "mean_foreground_dice": 0.889, "dice": dice}
+    recipe = {"id": "cli-model", "version": "1.0.0", "split": {"train_cases": 160, "validation": ["a", "b"]}}
+    meta = {"metrics": {"validation": figures}, "training": {"validated_recipe": recipe}}
+    assert run_cli("import", str(make_tiny_bundle(tmp_path / "m", id="cli-model", version="2.0.0", **meta))) == 0
+    capsys.readouterr()
+    assert run_cli("info", "cli-model") == 0
+    lines = [line.strip() for line in capsys.readouterr().out.splitlines()]
+    at = lines.index("validation: mean foreground Dice 0.889 (Anterior hippocampus 0.900, Posterior hippocampus 0.878) on 40 cases")
+    assert lines[at + 1] == (
+        "(measured on cli-model 1.0.0, the same recipe trained on 160 cases; this version trained on every development case)"
+    )
+    run_cli("info", "lab-model")  # nothing installed, nothing measured: no such line
+    assert "validation:" not in capsys.readouterr().out
+
+
 def test_diffseg_models_list_as_a_command(lab):
     done = subprocess.run(
         [sys.executable, "-m", "DiffSegCore", "models", "list", "--json"],
