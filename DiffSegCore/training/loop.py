@@ -246,7 +246,7 @@ def train(
         value = float(loss.detach())
         state.history["step"].append(state.step)
         state.history["loss"].append(value)
-        bar.set_postfix(loss=f"{value:.4f}", best=f"{state.best:.3f}")
+        bar.set_postfix(loss=f"{value:.4f}", **({"best": f"{state.best:.3f}"} if val_cases else {}))
         bar.update(1)
         last = state.step == config.iterations
         if ddp.main and (state.step % config.val_every == 0 or last):
