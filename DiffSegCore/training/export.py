@@ -65,7 +65,8 @@ def export_bundle(
     more_weights, member_commands = _member_weights(member_runs or [], config, dtype)
     card = card or default_card(data)
     members = _members(card, len(more_weights), config.mirror_axes)
-    validated = validated_recipe(validated_by, config, data, members) if validated_by is not None else {}
+    shown = {"defaults": card.get("defaults"), "members": card.get("members") or members.get("members")}
+    validated = validated_recipe(validated_by, config, data, shown) if validated_by is not None else {}
     num_classes = len(card["classes"]) + 1
     if num_classes != data["num_classes"]:
         raise InputError(
@@ -171,14 +172,16 @@ def check_validated_by(bundle_dir: str | Path, config: TrainConfig, data: dict) 
     return meta
 
 
-def validated_recipe(bundle_dir: str | Path, config: TrainConfig, data: dict, members: dict) -> dict:
+def validated_recipe(bundle_dir: str | Path, config: TrainConfig, data: dict, shown: dict) -> dict:
     """The split run's figures ("figures": model.json's metrics and expected time) and where they come from
-    ("record": its version, split and commands), for a bundle of the same recipe trained on every case."""
+    ("record": its version, split and commands), for a bundle of the same recipe trained on every case whose
+    model.json will hold `shown` ("defaults" and "members", as the split run's must)."""
     meta = check_validated_by(bundle_dir, config, data)
-    if meta.get("members", {}) != members.get("members", {}):
+    differing = [k for k, v in shown.items() if meta.get(k) != v]
+    if differing:
         raise InputError(
-            f"--validated-by {bundle_dir} was measured with other ensemble members ({meta.get('members')}); "
-            "pack as many --member-runs, with the same mirroring"
+            f"--validated-by {bundle_dir} was measured with other {' and '.join(differing)} "
+            f"({', '.join(str(meta.get(k)) for k in differing)}); pack as many --member-runs and use its card's defaults"
         )
     training = meta["training"]
     kept = ("command", "member_commands", "preseg_command")

@@ -251,6 +251,9 @@ def test_a_run_on_every_case_carries_its_split_runs_validation_figures(trained):
     assert recipe["preseg_command"] == split_meta["training"]["preseg_command"]
     with pytest.raises(InputError, match="trained on every development case and holds none out"):
         run_training_command("evaluate", "--model", trained / "all" / "bundle", *labelled, *evaluated)
+    more = ["--output", trained / "more", "--card", CARD, "--member-runs", trained / "diffusion", *every_case]
+    with pytest.raises(InputError, match="measured with other members \\(None\\)"):  # two networks, not one
+        run_training_command("train", *more)
 
 
 def test_existing_run_is_not_overwritten(trained):
