@@ -1,7 +1,7 @@
-"""Validation Dice of the bundled model in float32 and in bf16: does bf16 arithmetic change the segmentations?
+"""Validation Dice of the bundled recipe (its split run) in float32 and in bf16: does bf16 arithmetic change the segmentations?
 
-Runs DiffSegCore.evaluation.report.evaluate (what `diffseg evaluate` runs) on the cases the model held
-out, once per --precision, on the CPU with one thread, and prints each mean Dice and the difference.
+Runs DiffSegCore.evaluation.report.evaluate (what `diffseg evaluate` runs) on the cases the split run
+(benchlib.SPLIT_MODEL) held out, once per --precision, on the CPU with one thread, and prints each mean Dice and the difference.
 bf16 stays the CPU default (--precision auto) only while every class moves by less than 0.002.
 
     python benchmarks/bench_precision_dice.py [--images DIR --labels DIR]
@@ -14,8 +14,7 @@ import json
 from pathlib import Path
 
 import torch
-from benchlib import HIPPOCAMPUS_DIR, RESULTS, machine_info, machine_tag
-from diffseg_case import BUNDLED_MODEL
+from benchlib import HIPPOCAMPUS_DIR, RESULTS, SPLIT_MODEL, machine_info, machine_tag
 
 from DiffSegCore.cli.evaluate import _validation_cases
 from DiffSegCore.evaluation.report import evaluate
@@ -32,10 +31,10 @@ def main() -> None:
     parser.add_argument("--labels", default=str(HIPPOCAMPUS_DIR / "labelsTr"))
     args = parser.parse_args()
     torch.set_num_threads(1)
-    cases = _validation_cases("model", str(BUNDLED_MODEL))
+    cases = _validation_cases("model", str(SPLIT_MODEL))
     reports = {}
     for precision in ("float32", "bf16"):
-        bundle, settings = open_model(str(BUNDLED_MODEL), {"device": "cpu", "precision": precision}, RunProgress("none"))
+        bundle, settings = open_model(str(SPLIT_MODEL), {"device": "cpu", "precision": precision}, RunProgress("none"))
         reports[precision] = evaluate(bundle, settings, Path(args.images), Path(args.labels), cases)
     dice = {p: r["mean"]["dice"] for p, r in reports.items()}
     change = [abs(a - b) for a, b in zip(dice["float32"], dice["bf16"])]

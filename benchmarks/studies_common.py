@@ -26,6 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchlib import SPLIT_MODEL, machine_info  # noqa: E402
+
 from DiffSegCore.evaluation.metrics import case_metrics  # noqa: E402
 from DiffSegCore.inference.ensemble import member_probabilities as sampled_members  # noqa: E402
 from DiffSegCore.inference.ensemble import predict_volume  # noqa: E402
@@ -39,7 +41,7 @@ from DiffSegCore.training.loop import TrainConfig, read_best, train  # noqa: E40
 
 # The shared data sit beside the checkout (../shared/data), as the tests expect; DIFFSEG_STUDY_DATA overrides.
 DATA = Path(os.environ.get("DIFFSEG_STUDY_DATA") or REPO.parent / "shared" / "data" / "hippocampus")
-BUNDLE = REPO / "Resources" / "Models" / "hippocampus"
+BUNDLE = SPLIT_MODEL  # the sampler studies score cases this bundle held out
 RESULTS = REPO / "benchmarks" / "results"
 RUNS = REPO / "runs" / "studies"
 SPLIT = {"validation_fraction": 0.2, "seed": 0}  # the bundled model's split (160 train / 40 validation)
@@ -108,6 +110,12 @@ def load_data(meta: dict, budget: Budget, smoke: bool = False) -> Data:
     split = split_cases([c.name for c in dataset.cases], **SPLIT)
     by_name = {c.name: c for c in dataset.cases}
     train_names, val_names = split["train"], split["validation"][: budget.eval_cases]
+    held_out = (meta.get("training") or {}).get("split", {}).get("validation")
+    if held_out is not None and not set(val_names) <= set(held_out):  # a bundle's own split, for sampler studies
+        raise SystemExit(
+            f"the bundle was trained on {len(set(val_names) - set(held_out))} of the scored validation cases; pass "
+            f"--bundle with one that held them out ({BUNDLE})"
+        )
     if smoke:
         train_names = train_names[:4]
     cached = build_cache([by_name[n] for n in train_names + val_names], meta, RUNS / "cache", log=lambda _: None)
@@ -122,8 +130,6 @@ def load_data(meta: dict, budget: Budget, smoke: bool = False) -> Data:
 
 def machine() -> dict:
     """What a result ran on (the speed benchmarks' machine record) plus the commit."""
-    from benchlib import machine_info
-
     info = machine_info()
     with contextlib.suppress(Exception):
         import subprocess
