@@ -66,11 +66,6 @@ class MemoryPlan:
         }
 
 
-def padded_voxels(shape: tuple[int, ...], multiple: int) -> int:
-    """Voxels of `shape` padded up to a multiple of the network's total downsampling."""
-    return math.prod(size + (-size) % multiple for size in shape)
-
-
 def network_input_channels(config: dict) -> int:
     """Channels into a diffusion network: image, coordinates (optional), the noisy mask (one per class)."""
     return int(config["image_channels"]) + (3 if config.get("coords") else 0) + int(config["num_classes"])
@@ -134,12 +129,11 @@ def plan_bytes(
     classes = int(config["num_classes"])
     channels = network_input_channels(config)
     voxels = math.prod(shape)
-    multiple = 2 ** (len(config["widths"]) - 1)
     network = NETWORK_SLACK * network_values_per_voxel(config)
     if window is None:
-        working = batch * padded_voxels(shape, multiple) * network
+        working = batch * voxels * network
     else:  # the windows' activations, and the blended whole-volume output of every member
-        working = windows_per_batch * padded_voxels(window, multiple) * network + batch * voxels * (classes + 1)
+        working = windows_per_batch * math.prod(window) * network + batch * voxels * (classes + 1)
     state = batch * voxels * (STATE_VALUES_PER_CLASS * classes + channels)
     if device == "cuda":
         return int(4 * (working + state + voxels * channels))
@@ -150,8 +144,7 @@ def plan_seconds(
     config: dict, shape: tuple[int, ...], window: tuple[int, ...] | None, steps: int, ensemble: int, device: str
 ) -> float:
     """Expected sampling time: network FLOPs over the evaluated voxels at the device's throughput."""
-    multiple = 2 ** (len(config["widths"]) - 1)
-    voxels = padded_voxels(shape, multiple) if window is None else math.prod(shape) * window_coverage(shape, window)
+    voxels = math.prod(shape) * (1.0 if window is None else window_coverage(shape, window))
     flops = network_flops_per_voxel(config) * voxels * steps * ensemble
     return flops / FLOPS_PER_SECOND.get(device, FLOPS_PER_SECOND["cpu"])
 

@@ -15,6 +15,20 @@ def test_any_spatial_size_round_trips(skip):
     assert net(x, torch.tensor([0, 4])).shape == (2, 3, 13, 17, 9)
 
 
+def test_a_crop_is_evaluated_at_its_own_size_not_padded_to_the_downsampling():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net = build_network({"kind": "diffusion", "image_channels": 1, "num_classes": 3, "widths": [8, 16, 32, 64]})
+
+    def flops(shape):  # (z, y, x)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            net(torch.randn(1, 4, *shape), torch.zeros(1, dtype=torch.long))
+        return counter.get_total_flops()
+
+    # 36x52x38 is 0.79 of 40x56x40, the next multiple of the network's 8: its work shrinks with it
+    assert flops((36, 52, 38)) / flops((40, 56, 40)) == pytest.approx(36 * 52 * 38 / (40 * 56 * 40), rel=0.03)
+
+
 def test_time_step_changes_the_output():
     torch.manual_seed(0)
     net = build_network({"num_classes": 2, "widths": [8, 16], "time_dim": 16}).eval()
