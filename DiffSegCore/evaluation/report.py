@@ -169,5 +169,6 @@ def record_metrics(bundle_path: Path, report: dict, name: str = "validation") ->
     }
     if name == "validation":  # the measured time per case on this device kind is the panel's expected time
         kind = "gpu" if report["device"].startswith("cuda") else "cpu"
-        meta["expected_seconds"] = {**meta.get("expected_seconds", {}), kind: round(mean["seconds_per_case"], 1)}
+        seconds = max(round(mean["seconds_per_case"], 1), 0.1)  # in tenths, and above 0 as model.json requires
+        meta["expected_seconds"] = {**meta.get("expected_seconds", {}), kind: seconds}
     write_text(model_file, json.dumps(meta, indent=2) + "\n")

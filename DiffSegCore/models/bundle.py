@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import save_file
 
 from DiffSegCore.errors import ModelError
 from DiffSegCore.io.atomic import atomic_folder
+from DiffSegCore.io.weights import write_weights
 from DiffSegCore.models.metadata import DEFAULT_FIX, FORMAT_VERSION, MODEL_FILE, BundleSource, meta_of
 from DiffSegCore.models.safety import refuse_pickles
 from DiffSegCore.networks.unet import UNet3D, build_network
@@ -173,5 +173,5 @@ def save_bundle(
         files += [(member_weight_file(i), tensors) for i, tensors in enumerate([weights, *more_weights])]
         for filename, tensors in files:
             if tensors is not None:
-                save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, staging / filename)
+                write_weights(staging / filename, tensors)
     return out_dir

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from DiffSegCore.errors import InputError
 from DiffSegCore.io.atomic import atomic_path, stale_temporaries
+from DiffSegCore.io.weights import write_weights
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -70,10 +70,9 @@ def save_checkpoint(
         tensors.update({f"ema.{k}": v for k, v in ema.items()})
     optim_tensors, optim_meta = _flatten_optimizer(optimizer)
     tensors.update(optim_tensors)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     metadata = {"info": json.dumps(info), "optimizer": json.dumps(optim_meta)}
     with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
+        write_weights(tmp, tensors, metadata=metadata)
         if path.exists():
             # A second name, not a move: a kill before the final rename still leaves `path` whole.
             with atomic_path(previous_path(path)) as keep:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -30,6 +30,7 @@ from DiffSegCore.evaluation.metrics import dice_per_class
 from DiffSegCore.inference.predictor import conditioning, evaluate_network, sample_members, sampling_schedule
 from DiffSegCore.inference.ranks import setup_distributed
 from DiffSegCore.io.atomic import atomic_path, write_text
+from DiffSegCore.io.weights import write_weights
 from DiffSegCore.networks.precision import autocast
 from DiffSegCore.networks.unet import build_network
 from DiffSegCore.training.cache import CachedCase
@@ -122,9 +123,8 @@ def save_curve(path: Path, history: dict) -> None:
 
 
 def _save_best(path: Path, weights: dict[str, torch.Tensor], info: dict) -> None:
-    tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
     with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata={"info": json.dumps(info)})
+        write_weights(tmp, weights, metadata={"info": json.dumps(info)})
 
 
 def read_best(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:

@@ -17,13 +17,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from DiffSegCore.diffusion.process import q_sample
 from DiffSegCore.diffusion.schedules import training_schedule
 from DiffSegCore.errors import ModelError
 from DiffSegCore.io.atomic import atomic_path
+from DiffSegCore.io.weights import write_weights
 from DiffSegCore.networks.unet import UNet3D, build_network
 from DiffSegCore.training.cache import CachedCase
 from DiffSegCore.training.checkpoints import save_checkpoint
@@ -116,7 +117,7 @@ def pretrain(
     weights = {k: v.detach().contiguous() for k, v in network.state_dict().items()}
     info = {"config": asdict(config), "seconds": time.monotonic() - started, "loss": losses}
     with atomic_path(run_dir / WEIGHTS) as tmp:
-        save_file(weights, tmp, metadata={"info": json.dumps(info)})
+        write_weights(tmp, weights, metadata={"info": json.dumps(info)})
     return weights
 
 

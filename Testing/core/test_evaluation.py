@@ -10,6 +10,8 @@ import pytest
 
 from DiffSegCore.errors import InputError
 from DiffSegCore.evaluation.metrics import case_metrics
+from DiffSegCore.evaluation.report import record_metrics
+from DiffSegCore.models.bundle import validate_bundle
 from Testing.core.training_helpers import CASES, copy_cases, run_training_command
 
 
@@ -89,7 +91,17 @@ def test_evaluate_command_reports_table_json_and_records_metrics(dataset, tiny_b
     assert recorded["mean_foreground_dice"] == report["mean"]["mean_foreground_dice"]
     assert recorded["command"].startswith("diffseg evaluate") and "--ensemble 2" in recorded["command"]
     expected = json.loads((bundle / "model.json").read_text())["expected_seconds"]
-    assert expected["cpu"] == round(report["mean"]["seconds_per_case"], 1)
+    assert expected["cpu"] == max(round(report["mean"]["seconds_per_case"], 1), 0.1)
+
+
+def test_a_model_faster_than_a_twentieth_of_a_second_still_records_a_valid_expected_time(tiny_bundle, tmp_path):
+    bundle = tmp_path / "fast"
+    shutil.copytree(tiny_bundle, bundle)
+    mean = {"cases": 1, "mean_foreground_dice": 0.5, "dice": [0.5, 0.5], "hd95_mm": [1.0, 1.0]}
+    mean |= {"uncertainty_auroc": 0.9, "seconds_per_case": 0.04}
+    report = {"classes": ["a", "b"], "settings": {}, "device": "cpu", "command": "diffseg evaluate", "mean": mean}
+    record_metrics(bundle, report)
+    assert validate_bundle(bundle)["expected_seconds"] == {"cpu": 0.1}  # 0.0 would make model.json invalid
 
 
 def test_evaluate_refuses_cases_without_labels(dataset, tiny_bundle, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -59,6 +60,10 @@ def test_run_folder_holds_split_checkpoint_curve_and_bundle(trained):
     expected = training_envelope(read_channels(list(c.images)) for c in train)
     assert {k: meta["training"][k] for k in expected} == expected
     assert meta["window"] == [16, 24, 16]  # a patch-trained network's sliding window is its training patch
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("best.safetensors", "checkpoint.safetensors", "bundle/diffusion.safetensors", "bundle/preseg.safetensors"):
+        assert (run / name).stat().st_mode & 0o777 == 0o666 & ~umask, name  # as the umask allows, like model.json
 
 
 def test_training_changed_the_weights_and_bundle_holds_the_best(trained):
