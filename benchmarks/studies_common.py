@@ -33,6 +33,7 @@ from DiffSegCore.inference.ensemble import member_probabilities as sampled_membe
 from DiffSegCore.inference.ensemble import predict_volume  # noqa: E402
 from DiffSegCore.io import atomic  # noqa: E402
 from DiffSegCore.models.bundle import ModelBundle, load_bundle  # noqa: E402
+from DiffSegCore.models.metadata import held_out_cases  # noqa: E402
 from DiffSegCore.networks.unet import build_network  # noqa: E402
 from DiffSegCore.settings import resolve  # noqa: E402
 from DiffSegCore.training.cache import CachedCase, build_cache  # noqa: E402
@@ -110,10 +111,10 @@ def load_data(meta: dict, budget: Budget, smoke: bool = False) -> Data:
     split = split_cases([c.name for c in dataset.cases], **SPLIT)
     by_name = {c.name: c for c in dataset.cases}
     train_names, val_names = split["train"], split["validation"][: budget.eval_cases]
-    held_out = (meta.get("training") or {}).get("split", {}).get("validation")
-    if held_out is not None and not set(val_names) <= set(held_out):  # a bundle's own split, for sampler studies
+    unseen = set(held_out_cases(meta))
+    if "training" in meta and not set(val_names) <= unseen:  # a bundle (sampler studies), not a trained arm's spec
         raise SystemExit(
-            f"the bundle was trained on {len(set(val_names) - set(held_out))} of the scored validation cases; pass "
+            f"the bundle was trained on {len(set(val_names) - unseen)} of the scored validation cases; pass "
             f"--bundle with one that held them out ({BUNDLE})"
         )
     if smoke:

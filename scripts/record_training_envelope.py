@@ -17,7 +17,7 @@ from DiffSegCore.io.atomic import write_text
 from DiffSegCore.io.cases import collect_cases
 from DiffSegCore.io.sanity import training_envelope
 from DiffSegCore.io.volumes import read_channels
-from DiffSegCore.models.metadata import MODEL_FILE
+from DiffSegCore.models.metadata import MODEL_FILE, held_out_cases
 
 
 def main() -> None:
@@ -27,7 +27,7 @@ def main() -> None:
     args = parser.parse_args()
     meta_path = args.bundle / MODEL_FILE
     meta = json.loads(meta_path.read_text())
-    held_out = set(((meta.get("training") or {}).get("split") or {}).get("validation") or [])
+    held_out = set(held_out_cases(meta))
     cases = {name: paths for name, paths in collect_cases([args.data / "imagesTr"]).items() if name not in held_out}
     envelope = training_envelope(read_channels(paths) for paths in cases.values())
     meta["training"] = {**meta.get("training", {}), **envelope, "envelope_cases": len(cases)}

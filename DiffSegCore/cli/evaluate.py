@@ -39,14 +39,13 @@ def add_evaluate_parser(subparsers) -> None:
 def _validation_cases(split: str, model: str) -> set[str]:
     """The validation cases of a split.json, or with `model` those the bundle's metadata says it held out."""
     if split == "model":
-        from DiffSegCore.models.metadata import read_meta
+        from DiffSegCore.models.metadata import held_out_cases, read_meta
         from DiffSegCore.models.registry import resolve_model
 
-        training = read_meta(resolve_model(model)).get("training", {})
-        held_out = training.get("split", {}).get("validation")
-        if held_out:
+        meta = read_meta(resolve_model(model))
+        if held_out := held_out_cases(meta):
             return set(held_out)
-        if "validated_recipe" in training:  # trained on every case: its split run's cases are its training cases
+        if "validated_recipe" in meta.get("training", {}):  # trained on every case: its split run's cases are its training cases
             raise InputError(
                 f"model {model} was trained on every development case and holds none out (its validation figures "
                 "are its split run's, model.json training.validated_recipe); evaluate it on cases it never saw"

@@ -137,3 +137,8 @@ def meta_of(source: BundleSource) -> dict:
 def read_meta(path: str | Path, shown_as: str | None = None, fix: str = DEFAULT_FIX) -> dict:
     """Only the metadata, checked (no weights read)."""
     return meta_of(BundleSource(Path(path), shown_as, fix))
+
+
+def held_out_cases(meta: dict) -> list[str]:
+    """The cases a bundle's training held out for validation (model.json training.split.validation); [] if none."""
+    return list(((meta.get("training") or {}).get("split") or {}).get("validation") or [])

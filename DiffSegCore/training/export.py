@@ -64,9 +64,6 @@ def export_bundle(
         raise InputError(f"{run_dir} trained a '{config.kind}' network; a bundle needs a diffusion run")
     more_weights, member_commands = _member_weights(member_runs or [], config, dtype)
     card = card or default_card(data)
-    members = _members(card, len(more_weights), config.mirror_axes)
-    shown = {"defaults": card.get("defaults"), "members": card.get("members") or members.get("members")}
-    validated = validated_recipe(validated_by, config, data, shown) if validated_by is not None else {}
     num_classes = len(card["classes"]) + 1
     if num_classes != data["num_classes"]:
         raise InputError(
@@ -88,7 +85,7 @@ def export_bundle(
         **({"window": list(config.size)} if config.size and "window" not in card else {}),
         "network": config.network_config(data["image_channels"], num_classes),
         "preseg_network": preseg_config,
-        **members,
+        **_members(card, len(more_weights), config.mirror_axes),
         "diffusion": config.diffusion_config(),
         "training": {
             **card.get("training", {}),
@@ -102,10 +99,12 @@ def export_bundle(
             **({"command": command} if (command := run_commands(data)) else {}),
             **({"preseg_command": run_commands(unet_data)} if preseg_run is not None else {}),
             **({"member_commands": member_commands} if member_commands else {}),
-            **({"validated_recipe": validated["record"]} if validated else {}),
         },
-        **validated.get("figures", {}),
     }
+    if validated_by is not None:
+        validated = validated_recipe(validated_by, config, data, meta)
+        meta["training"]["validated_recipe"] = validated["record"]
+        meta.update(validated["figures"])
     return save_bundle(out_dir, meta, weights, preseg_weights, more_weights)
 
 
@@ -145,11 +144,10 @@ NOT_RECIPE = ("seed", "device", "workers", "val_every", "val_steps", "checkpoint
 def check_validated_by(bundle_dir: str | Path, config: TrainConfig, data: dict) -> dict:
     """The model.json of a split run's bundle whose validation figures a run trained on every case may carry:
     refused unless it holds recorded figures and validation cases, and trained this run's recipe."""
-    from DiffSegCore.models.metadata import read_meta
+    from DiffSegCore.models.metadata import held_out_cases, read_meta
 
     meta = read_meta(bundle_dir)
-    split = meta.get("training", {}).get("split") or {}
-    if "validation" not in meta.get("metrics", {}) or not split.get("validation"):
+    if "validation" not in meta.get("metrics", {}) or not held_out_cases(meta):
         raise InputError(
             f"--validated-by {bundle_dir} holds no recorded validation figures; give the split run's bundle after "
             "`diffseg evaluate --split model --record`"
@@ -172,12 +170,12 @@ def check_validated_by(bundle_dir: str | Path, config: TrainConfig, data: dict) 
     return meta
 
 
-def validated_recipe(bundle_dir: str | Path, config: TrainConfig, data: dict, shown: dict) -> dict:
+def validated_recipe(bundle_dir: str | Path, config: TrainConfig, data: dict, ours: dict) -> dict:
     """The split run's figures ("figures": model.json's metrics and expected time) and where they come from
-    ("record": its version, split and commands), for a bundle of the same recipe trained on every case whose
-    model.json will hold `shown` ("defaults" and "members", as the split run's must)."""
+    ("record": its version, split and commands), for the bundle of the same recipe trained on every case whose
+    model.json is `ours` (its "defaults" and "members" must be the split run's)."""
     meta = check_validated_by(bundle_dir, config, data)
-    differing = [k for k, v in shown.items() if meta.get(k) != v]
+    differing = [k for k in ("defaults", "members") if meta.get(k) != ours.get(k)]
     if differing:
         raise InputError(
             f"--validated-by {bundle_dir} was measured with other {' and '.join(differing)} "
