@@ -29,6 +29,7 @@ if str(REPO) not in sys.path:
 from benchlib import SPLIT_MODEL, machine_info  # noqa: E402
 
 from DiffSegCore.evaluation.metrics import case_metrics  # noqa: E402
+from DiffSegCore.inference.case_score import rank_of_failures  # noqa: E402
 from DiffSegCore.inference.ensemble import member_probabilities as sampled_members  # noqa: E402
 from DiffSegCore.inference.ensemble import predict_volume  # noqa: E402
 from DiffSegCore.io import atomic  # noqa: E402
@@ -267,6 +268,12 @@ def score_case(labels: torch.Tensor, truth: np.ndarray, data: Data, uncertainty:
     if uncertainty is not None:
         scores["auroc_near"] = metrics["uncertainty_auroc"]
     return scores
+
+
+def ranking(dice: np.ndarray, score: np.ndarray) -> dict:
+    """Spearman(case Dice, score) (negative is good) and the worst case's rank by score (1 = first)."""
+    rho, rank, _ = rank_of_failures(dice.tolist(), score.tolist())
+    return {"spearman": round(rho, 3), "worst_rank": rank}
 
 
 def unet_labels(bundle: ModelBundle, image: np.ndarray) -> torch.Tensor:

@@ -24,11 +24,12 @@ from studies_common import (
     load_data,
     member_probabilities,
     parser,
+    ranking,
     score_case,
     write_result,
 )
 
-from DiffSegCore.inference.case_score import rank_of_failures, review_score
+from DiffSegCore.inference.case_score import review_score
 from DiffSegCore.inference.ensemble import label_map
 
 STUDY = "study_members"
@@ -53,12 +54,6 @@ def member_sets(bundle) -> dict:
         sets[f"{every}, noise only"] = variant(a, others, [])
         sets[f"{every}, mirrored members"] = variant(a, others, axes)
     return sets
-
-
-def ranking(dice: np.ndarray, score: np.ndarray) -> dict:
-    """Spearman(case Dice, score) (negative is good) and the worst case's rank by score (1 = first)."""
-    rho, rank, _ = rank_of_failures(dice.tolist(), score.tolist())
-    return {"spearman": round(rho, 3), "worst_rank": rank}
 
 
 def evaluate_set(members: list[torch.Tensor], truths: list[np.ndarray], data, size: int, threshold: float) -> dict:

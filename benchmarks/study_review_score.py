@@ -26,11 +26,12 @@ from studies_common import (
     default_bundle,
     load_data,
     parser,
+    ranking,
     write_result,
 )
 
 from DiffSegCore.evaluation.metrics import case_metrics
-from DiffSegCore.inference.case_score import rank_of_failures, review_score
+from DiffSegCore.inference.case_score import review_score
 from DiffSegCore.inference.ensemble import label_map
 from DiffSegCore.inference.predictor import conditioning, evaluate_network, on_device, sample_members, sampling_schedule
 
@@ -148,11 +149,6 @@ def source_scores(cases: list[dict], threshold: float) -> dict[str, np.ndarray]:
             own = torch.stack([label_map(torch.from_numpy(c[k]).mean(0), threshold) for k in keys])
             out[name].append(review_score(own, default, 3))
     return {name: np.array(v) for name, v in out.items()}
-
-
-def ranking(dice: np.ndarray, score: np.ndarray) -> dict:
-    rho, rank, _ = rank_of_failures(dice.tolist(), score.tolist())
-    return {"spearman": rho, "worst_rank": rank}
 
 
 def main() -> None:
