@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from DiffSegCore import settings
@@ -137,8 +139,9 @@ def _spec(args, channel_count: int) -> dict:
     return {"channels": [normalisation] * channel_count, "spacing": list(args.spacing) if args.spacing else None}
 
 
-def prepare_run(args, run_dir: Path, card: dict | None) -> dict:
-    """Find, check, split and cache the data; write split.json, cases.json and data.json."""
+def prepare_run(args, run_dir: Path, card: dict | None, check: Callable[[dict], object] | None = None) -> dict:
+    """Find, check, split and cache the data; write split.json, cases.json and data.json, after `check` (which
+    raises to refuse the run) has passed the data record, so a refused run leaves no run folder behind."""
     from DiffSegCore.io.sanity import training_envelope
     from DiffSegCore.io.volumes import read_channels
     from DiffSegCore.training.cache import build_cache, write_index
@@ -161,9 +164,6 @@ def prepare_run(args, run_dir: Path, card: dict | None) -> dict:
     split["validation"] = [n for n in split["validation"] if n in known]
     model_spec = {"channels": [{"normalisation": n} for n in spec["channels"]], "spacing": spec["spacing"]}
     cached = build_cache(cases, model_spec, args.cache)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / SPLIT_FILE, split)
-    write_index(run_dir / CASES_FILE, cached)
     labels = {str(c["value"]): c["name"] for c in card["classes"]} if card else dataset.labels
     num_classes = max(int(v) for v in labels) + 1 if labels else 1 + max(int(c.load()[1].max()) for c in cached)
     names = [c.get("name") for c in card["channels"]] if card and card.get("channels") else dataset.channel_names
@@ -185,6 +185,11 @@ def prepare_run(args, run_dir: Path, card: dict | None) -> dict:
     # What the training images were like, so that runs on inputs far from them say so (io/sanity.py).
     train = set(split["train"])
     data["envelope"] = training_envelope(read_channels(list(c.images)) for c in cases if c.name in train)
+    if check is not None:
+        check(data)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / SPLIT_FILE, split)
+    write_index(run_dir / CASES_FILE, cached)
     write_json(run_dir / "data.json", data)
     return data
 
@@ -214,9 +219,12 @@ def run_train(args: argparse.Namespace) -> int:
     bundle = Path(args.bundle) if args.bundle else run_dir / "bundle"
     if config.kind == "diffusion" and bundle.exists():  # refused before preparing or training, not after it
         raise InputError(f"{bundle} already exists; pass --bundle with a new folder, or remove it first")
-    data = prepare_run(args, run_dir, card) if data is None else data
-    if args.validated_by and config.kind == "diffusion":
-        check_validated_by(args.validated_by, config, data)
+    validated = args.validated_by and config.kind == "diffusion"
+    check = partial(check_validated_by, args.validated_by, config) if validated else None
+    if data is None:
+        data = prepare_run(args, run_dir, card, check)
+    elif check is not None:
+        check(data)
 
     def record_extension() -> None:  # part of how the model came to be (export.run_commands)
         data["resumed"] = [*data.get("resumed", []), command_line(args)]

@@ -242,6 +242,7 @@ def test_a_run_on_every_case_carries_its_split_runs_validation_figures(trained):
     every_case = [*_common(trained), "--validation-fraction", "0", "--seed", "1", "--validated-by", split_bundle]
     with pytest.raises(InputError, match="holds out 1 validation case"):
         run_training_command("train", "--output", trained / "held", *every_case, "--validation-fraction", "0.25")
+    assert not (trained / "held").exists()  # refused before the run folder is written, so a rerun starts clean
     with pytest.raises(InputError, match="another recipe \\(widths differ"):
         run_training_command("train", "--output", trained / "other", *every_case, "--widths", "8", "8")
     assert not (trained / "other" / "checkpoint.safetensors").exists()  # refused before training
