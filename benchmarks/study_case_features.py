@@ -5,9 +5,10 @@ then per-case scores that need no label, each ranked against the case's Dice (Sp
 the worst case's rank by score, 1 = reviewed first): the shipped review score, the mean foreground
 variance, the image contrast between the predicted structures and a 2-voxel rim around them, the smaller
 structure's volume (small first), and the disagreement of the separately trained U-Net. Then every sum of
-2 or 3 of their ranks, the best chosen on these same cases (so flattered). Then what only the label
-knows, to say why: the share of excess volume, the share of voxels given the other class, and the
-U-Net's own case Dice (do two different models fail on the same cases?).
+2 or 3 of their ranks, the best chosen on these same cases (so flattered), and a ridge regression of the
+Dice on all five, each case predicted by a fit on the others (what a learnt score would do unseen). Then
+what only the label knows, to say why: the share of excess volume, the share of voxels given the other
+class, and the U-Net's own case Dice (do two different models fail on the same cases?).
 
     python benchmarks/study_case_features.py [--cases N] [--smoke] [--bundle PATH]
 """
@@ -76,6 +77,20 @@ def case_scores(probs: torch.Tensor, image: np.ndarray, unet: np.ndarray, truth:
     }
 
 
+def left_out_predictions(features: np.ndarray, dice: np.ndarray, ridge: float = 1.0) -> np.ndarray:
+    """Each case's Dice predicted by a ridge regression on the (cases, scores) `features`, fitted on the other
+    cases: an honest estimate of what a score learnt from these cases would do on unseen ones."""
+    z = (features - features.mean(0)) / features.std(0)
+    design = np.c_[z, np.ones(len(z))]
+    predicted = np.empty(len(dice))
+    for i in range(len(dice)):
+        rest = np.arange(len(dice)) != i
+        a = design[rest]
+        weights = np.linalg.solve(a.T @ a + ridge * np.eye(a.shape[1]), a.T @ dice[rest])
+        predicted[i] = design[i] @ weights
+    return predicted
+
+
 def main() -> None:
     args = parser(__doc__, eval_cases=40).parse_args()
     budget = budget_from(args)
@@ -98,10 +113,14 @@ def main() -> None:
         for size in (2, 3)
         for combo in combinations(ranks, size)
     ]
+    learnt = ranking(dice, -left_out_predictions(np.stack(list(signed.values()), 1), dice))  # low Dice first
     explained = {name: ranking(dice, np.array([r[name] for r in rows])) for name in NEED_LABEL}
     for name, row in {**alone, **explained}.items():
         print(f"{name}: Spearman {row['spearman']:+.3f}, worst case {row['worst_rank']} of {len(rows)}")
     best = min(sums, key=lambda r: r["spearman"])
+    print(
+        f"ridge regression on all five, each case left out of its fit: {learnt['spearman']:+.3f}, worst {learnt['worst_rank']}"
+    )
     print(f"best sum of ranks ({' + '.join(best['scores'])}): {best['spearman']:+.3f}, worst case {best['worst_rank']}")
     write_result(
         STUDY,
@@ -111,6 +130,7 @@ def main() -> None:
             "mean_dice": round(float(dice.mean()), 4),
             "label_free": alone,
             "rank_sums": sorted(sums, key=lambda r: r["spearman"]),
+            "learnt_left_out": learnt,
             "need_the_label": explained,
             "cases": rows,
         },
