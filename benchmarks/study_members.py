@@ -2,7 +2,7 @@
 
 The bundle holds several trainings of one network (mirrored in x while training). Per
 validation case, 8 members (1 DDIM step, seed 0) of each member set: one network with noise only,
-one network with mirrored members, network B alone, all networks, all with mirrored members. For every ensemble
+one network with mirrored members, each further network alone, all networks, all with mirrored members. For every ensemble
 size and foreground threshold: mean foreground Dice, HD95, voxel uncertainty AUROC near the
 structures, and how well two per-case scores rank the failing cases first (Spearman with the case
 Dice of that ensemble; the worst case's rank by score). The first n of a set's 8 members are exactly
@@ -50,7 +50,8 @@ def member_sets(bundle) -> dict:
     sets = {"network A, noise only": variant(a, [], []), "network A, mirrored members": variant(a, [], axes)}
     if others:
         every = "networks A+B" if len(others) == 1 else f"all {1 + len(others)} networks"
-        sets["network B, noise only"] = variant(others[0], [], [])
+        for letter, other in zip("BCDEFGH", others):
+            sets[f"network {letter}, noise only"] = variant(other, [], [])
         sets[f"{every}, noise only"] = variant(a, others, [])
         sets[f"{every}, mirrored members"] = variant(a, others, axes)
     return sets
