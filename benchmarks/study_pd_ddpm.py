@@ -132,7 +132,7 @@ def main() -> None:
             "trained_steps": trained_steps,
             "sampler": args.sampler,
             "members": members,
-            "budget": f"no training; {len(data.validation)} validation cases, {members} members per cell, 1 CPU thread",
+            "budget": f"no training; {len(data.validation)} validation cases, {members} members per cell, {budget.threads} CPU thread(s)",
             "paper": "guo2022 (WMH, T=1000): best Dice at T'=300; Table 2: pre-seg Dice 0.000/0.754/0.799 -> PD-DDPM 0.353/0.790/0.812",
             "no_preseg": {"steps": trained_steps, **summary(baseline)},
             "rows": rows,
