@@ -237,6 +237,7 @@ def test_a_run_on_every_case_carries_its_split_runs_validation_figures(trained):
     evaluated = ["--split", "model", "--device", "cpu", "--ensemble", "1", "--threads", "1"]
     with pytest.raises(InputError, match="no recorded validation figures"):  # nothing measured yet
         run_training_command("train", "--output", trained / "early", "--validated-by", split_bundle, *_common(trained))
+    assert not (trained / "early").exists()
     assert run_training_command("evaluate", "--model", split_bundle, *labelled, *evaluated, "--record") == 0
     split_meta = validate_bundle(split_bundle)
     every_case = [*_common(trained), "--validation-fraction", "0", "--seed", "1", "--validated-by", split_bundle]
@@ -245,7 +246,7 @@ def test_a_run_on_every_case_carries_its_split_runs_validation_figures(trained):
     assert not (trained / "held").exists()  # refused before the run folder is written, so a rerun starts clean
     with pytest.raises(InputError, match="another recipe \\(widths differ"):
         run_training_command("train", "--output", trained / "other", *every_case, "--widths", "8", "8")
-    assert not (trained / "other" / "checkpoint.safetensors").exists()  # refused before training
+    assert not (trained / "other").exists()  # refused before training and before its run folder
 
     run = ["--output", trained / "all", "--card", CARD, "--preseg-run", trained / "unet", *every_case]
     assert run_training_command("train", *run) == 0
