@@ -15,7 +15,6 @@ class, and the U-Net's own case Dice (do two different models fail on the same c
 
 from __future__ import annotations
 
-from dataclasses import replace
 from itertools import combinations
 
 import numpy as np
@@ -30,13 +29,15 @@ from studies_common import (
     member_probabilities,
     parser,
     ranking,
-    unet_labels,
     write_result,
 )
 
 from DiffSegCore.evaluation.metrics import dice_per_class
 from DiffSegCore.inference.case_score import review_score
 from DiffSegCore.inference.ensemble import label_map
+from DiffSegCore.inference.plan import make_plan
+from DiffSegCore.inference.predictor import presegment
+from DiffSegCore.settings import resolve
 
 STUDY = "study_case_features"
 # score name -> sign that makes "higher = review first" (a small structure is reviewed first)
@@ -60,14 +61,14 @@ def case_scores(probs: torch.Tensor, image: np.ndarray, unet: np.ndarray, truth:
     label map and the true label map (*S)."""
     classes = probs.shape[1]
     labels = label_map(probs.mean(0), threshold)
-    foreground = (labels > 0).numpy()
     lab = labels.numpy()
+    foreground = lab > 0
     rim = ndimage.binary_dilation(foreground, iterations=2) & ~foreground
     true_fg = truth > 0
     return {
         "dice": fg_dice(lab, truth, classes),
         "review score": review_score(label_map(probs, threshold, dim=1), labels, classes),
-        "mean fg variance": float(probs.var(0, unbiased=False).sum(0)[labels > 0].mean()),
+        "mean fg variance": float(probs.var(0, unbiased=False).sum(0).numpy()[foreground].mean()),
         "structure-rim contrast": float(image[0][foreground].mean() - image[0][rim].mean()),
         "smaller structure volume": float(min((lab == c).sum() for c in range(1, classes))),
         "U-Net disagreement": 1 - fg_dice(unet, lab, classes),
@@ -98,11 +99,13 @@ def main() -> None:
     data = load_data(bundle.meta, budget, args.smoke)
     defaults = bundle.meta["defaults"]
     threshold = float(defaults.get("foreground_threshold") or 0.0)
+    settings = resolve(bundle.meta, {"device": "cpu"})
     rows = []
     for case in data.validation:
         image, truth = case.load()
+        plan = make_plan(bundle, tuple(image.shape[1:]), settings)
         probs = member_probabilities(bundle, case, {"steps": defaults["steps"]}, defaults["ensemble"])
-        unet = unet_labels(replace(bundle, network=bundle.preseg_network), image).numpy()
+        unet = presegment(bundle, torch.from_numpy(image), plan, precision="float32").numpy()
         rows.append({"case": case.name, **case_scores(probs, image, unet, truth.astype(np.int64), threshold)})
     dice = np.array([r["dice"] for r in rows])
     signed = {name: sign * np.array([r[name] for r in rows]) for name, sign in LABEL_FREE.items()}
